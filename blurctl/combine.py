@@ -1,0 +1,103 @@
+"""How forget and retain gradients become one update direction (SPEC §2).
+
+With g_f, g_r the gradients of the forget and retain losses over *all* trainable
+parameters (the inner products run over every tensor, and in sharded training over
+every rank's shard via ``all_reduce``):
+
+* ``blur`` (forget-lower, BLUR):  d = w_f g_f + w_r (g_r - <g_r,g_f>/(|g_f|^2+eps) g_f)
+                                    = w_r g_r + xi g_f,  xi = w_f - w_r <g_r,g_f>/(|g_f|^2+eps)
+* ``blur_upper`` (roles swapped): d = w_f (g_f - <g_r,g_f>/(|g_r|^2+eps) g_r) + w_r g_r
+                                    = w_f g_f + xi g_r,  xi = w_r - w_f <g_r,g_f>/(|g_r|^2+eps)
+* ``penalty`` (weighted sum):     d = w_f g_f + w_r g_r
+
+The reductions are foreach vector ops with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Combiner = str
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Weights:
+    forget: float = 1.0
+    retain: float = 1.0
+    eps: float = 1e-12
+
+
+@dataclass(frozen=True)
+class CombineStats:
+    """Tensors (0-d) describing one combination; ``as_floats`` syncs them to the host once."""
+
+    dot: torch.Tensor
+    forget_sq: torch.Tensor
+    retain_sq: torch.Tensor
+    xi: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        packed = torch.stack([self.dot, self.forget_sq, self.retain_sq, self.xi]).double().tolist()
+        dot, nf, nr, xi = packed
+        denom = (nf * nr) ** 0.5
+        return {"dot": dot, "forget_sq": nf, "retain_sq": nr, "xi": xi,
+                "cosine": dot / denom if denom > 0 else 0.0}
+
+
+def _sum_of_products(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    if not a:
+        return torch.zeros(())
+    partial = torch._foreach_mul(a, b)
+    return torch.stack([p.sum(dtype=torch.float32) for p in partial]).sum()
+
+
+def inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor],
+                   all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, ...]:
+    """<g_r,g_f>, |g_f|^2, |g_r|^2 over all tensors, summed across ranks by ``all_reduce``."""
+    three = torch.stack([_sum_of_products(g_r, g_f), _sum_of_products(g_f, g_f),
+                         _sum_of_products(g_r, g_r)])
+    if all_reduce is not None:
+        three = all_reduce(three)
+    return three[0], three[1], three[2]
+
+
+def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combiner,
+             weights: Weights, all_reduce: AllReduce | None = None) -> CombineStats:
+    """Overwrite ``g_r`` with the update direction d; ``g_f`` is used as scratch space.
+
+    ``g_f`` and ``g_r`` are matching lists of gradient tensors (or local shards).
+    Returns the statistics SPEC §2 asks to log.
+    """
+    if len(g_f) != len(g_r):
+        raise ValueError(f"gradient lists differ in length: {len(g_f)} vs {len(g_r)}")
+    dot, nf, nr = inner_products(g_f, g_r, all_reduce)
+    w_f, w_r, eps = weights.forget, weights.retain, weights.eps
+    if combiner == "blur":
+        xi = w_f - w_r * dot / (nf + eps)
+        scale_r, scale_f = torch.as_tensor(w_r), xi
+    elif combiner == "blur_upper":
+        xi = w_r - w_f * dot / (nr + eps)
+        scale_r, scale_f = xi, torch.as_tensor(w_f)
+    elif combiner == "penalty":
+        xi = torch.as_tensor(w_f, dtype=dot.dtype)
+        scale_r, scale_f = torch.as_tensor(w_r), xi
+    else:
+        raise ValueError(f"unknown combiner {combiner!r}; expected blur, blur_upper or penalty")
+    if g_r:
+        device = g_r[0].device
+        torch._foreach_mul_(g_r, scale_r.to(device))
+        torch._foreach_mul_(g_f, scale_f.to(device))
+        torch._foreach_add_(g_r, g_f)
+    return CombineStats(dot=dot, forget_sq=nf, retain_sq=nr, xi=xi.to(dot.dtype))
+
+
+def combine(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combiner = "blur",
+            weights: Weights = Weights()) -> tuple[list[torch.Tensor], CombineStats]:
+    """Pure form of ``combine_``: returns (d, stats) and leaves its inputs untouched."""
+    d = [g.clone() for g in g_r]
+    stats = combine_([g.clone() for g in g_f], d, combiner, weights)
+    return d, stats

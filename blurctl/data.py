@@ -1,0 +1,117 @@
+"""Corpora: read texts from files, folders or hub datasets, and cut them into token chunks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from blurctl.bench.build import resolve
+from blurctl.errors import BlurctlError
+from blurctl.recipe import CorpusConfig
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
+
+
+def _texts_from_records(records: object, field: str, where: str) -> list[str]:
+    if not isinstance(records, list):
+        raise BlurctlError(f"{where}: expected a JSON list of strings or objects")
+    texts = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, str):
+            texts.append(rec)
+        elif isinstance(rec, dict) and isinstance(rec.get(field), str):
+            texts.append(rec[field])
+        else:
+            raise BlurctlError(f"{where}: record {i} has no string field {field!r}")
+    return texts
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BlurctlError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    if path.suffix == ".txt":
+        return [raw]
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            records = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BlurctlError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return _texts_from_records(records, field, str(path))
+
+
+def _read_hub_or_saved(cfg: CorpusConfig, path: str) -> list[str]:
+    import datasets
+
+    try:
+        if Path(path).is_dir():
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
+    except Exception as exc:  # datasets raises many types; report them in one line
+        raise BlurctlError(f"{path}: cannot load dataset ({exc.__class__.__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if cfg.text_field not in ds.column_names:
+        raise BlurctlError(f"{path}: no column {cfg.text_field!r} (columns: "
+                           f"{', '.join(ds.column_names)})")
+    return list(ds[cfg.text_field])
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return (not path.startswith(("/", ".", "~")) and Path(path).suffix not in TEXT_SUFFIXES
+            and path.count("/") <= 1)
+
+
+def load_texts(cfg: CorpusConfig, field_name: str, seed: int = 0) -> list[str]:
+    """The texts of one corpus; ``field_name`` (e.g. ``data.forget``) names it in errors."""
+    path = resolve(cfg.path, seed)
+    local = Path(path)
+    if local.is_file():
+        if local.suffix not in TEXT_SUFFIXES:
+            raise BlurctlError(f"{field_name}: {path}: unsupported file type (use "
+                               f"{', '.join(TEXT_SUFFIXES)}, a folder or a hub dataset id)")
+        texts = _read_file(local, cfg.text_field)
+    elif local.is_dir() and not any(local.glob("*.arrow")) and not (local / "dataset_dict.json").exists():
+        files = sorted(p for p in local.iterdir() if p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise BlurctlError(f"{field_name}: {path}: folder holds no .txt/.json/.jsonl files")
+        texts = [t for f in files for t in _read_file(f, cfg.text_field)]
+    elif local.is_dir() or _looks_like_hub_id(path):
+        texts = _read_hub_or_saved(cfg, path)
+    else:
+        raise BlurctlError(f"{field_name}: {path}: no such file, folder or hub dataset id")
+    texts = [t for t in texts if t.strip()]
+    if cfg.max_examples is not None:
+        texts = texts[: cfg.max_examples]
+    if not texts:
+        raise BlurctlError(f"{field_name}: {path}: corpus is empty")
+    return texts
+
+
+def chunk_texts(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
+    """Tokenize each text and cut it into chunks of at most ``max_len`` tokens (BOS first)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = max_len - len(bos)
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        chunks += [bos + ids[i:i + body] for i in range(0, len(ids), body)]
+    return chunks
+
+
+def collate(chunks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with attention mask and labels (-100 on padding)."""
+    width = max(len(c) for c in chunks)
+    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunks), width), dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}

@@ -1,0 +1,165 @@
+"""MUSE metrics (SPEC §4): VerbMem_f, KnowMem_f, KnowMem_r and PrivLeak.
+
+Generation is greedy and batched with left padding; scoring (Min-K%) is batched
+with right padding. Every metric returns its mean and the per-example records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rouge_score import rouge_scorer
+
+from blurctl.errors import BlurctlError
+from blurctl.losses import token_logprobs
+from blurctl.progress import progress_bar
+
+MINK_FRACTION = 0.4
+PUBLISHED_RETRAINED_AUC = {"news": 0.4772, "books": 0.5393}
+
+
+@dataclass
+class MetricResult:
+    score: float
+    examples: list[dict] = field(default_factory=list)
+
+
+def read_json(root: Path, rel: str) -> list:
+    path = root / rel
+    if not path.is_file():
+        raise BlurctlError(f"eval.muse.corpus: {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BlurctlError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, list) or not data:
+        raise BlurctlError(f"{path}: expected a non-empty JSON list")
+    return data
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             desc: str = "generating") -> list[str]:
+    """Greedy continuations of ``prompts``, batched with left padding."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs: list[str] = []
+    device = next(model.parameters()).device
+    try:
+        with progress_bar(desc, total=math.ceil(len(prompts) / batch_size)) as advance:
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = out[:, enc["input_ids"].shape[1]:]
+                outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+                advance()
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def verbmem(model, tokenizer, items: list[dict], max_new_tokens: int, batch_size: int) -> MetricResult:
+    """ROUGE-L F1 x100 of greedy continuations against the ground truth cut to the same length."""
+    outputs = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens,
+                       batch_size, "VerbMem_f")
+    examples = []
+    for it, out in zip(items, outputs):
+        gt_ids = tokenizer(it["gt"], add_special_tokens=False)["input_ids"][:max_new_tokens]
+        gt = tokenizer.decode(gt_ids, skip_special_tokens=True)
+        examples.append({"prompt": it["prompt"], "answer": gt, "output": out,
+                         "score": 100 * rouge_l_f1(out, gt)})
+    return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
+
+
+def cut_answer(text: str) -> str:
+    """An answer ends at the first blank line or the next "Question"."""
+    for stop in ("\n\n", "Question"):
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: int,
+            batch_size: int, desc: str) -> MetricResult:
+    """Few-shot QA: mean ROUGE-L F1 x100 of the cut greedy answers."""
+    shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in icl)
+    prompts = [f"{shots}Question: {it['question']}\nAnswer: " for it in qa]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
+    examples = [{"prompt": it["question"], "answer": it["answer"], "output": cut_answer(out),
+                 "score": 100 * rouge_l_f1(cut_answer(out), it["answer"])}
+                for it, out in zip(qa, outputs)]
+    return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
+
+
+@torch.no_grad()
+def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
+                fraction: float = MINK_FRACTION) -> list[float]:
+    """Min-K% membership score per text: minus the mean of its lowest ``fraction`` token log-probs."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    device = next(model.parameters()).device
+    scores = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            logp, mask = token_logprobs(logits, labels)
+            for row, m in zip(logp, mask):
+                vals = row[m].sort().values
+                k = max(1, math.ceil(fraction * len(vals)))
+                scores.append(-vals[:k].mean().item())
+    finally:
+        tokenizer.padding_side = side
+    return scores
+
+
+def membership_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
+    """AUC of Min-K% separating holdout (positive) from forget texts.
+
+    Memorised forget texts score lower than unseen ones, so a model that still
+    remembers D_f gives an AUC near 1 and a model that never saw it about 0.5.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = [0] * len(forget_scores) + [1] * len(holdout_scores)
+    return float(roc_auc_score(labels, forget_scores + holdout_scores))
+
+
+def privleak(auc: float, retrained_auc: float) -> float:
+    """(AUC - AUC_retrained) / AUC_retrained x100: ~0 is ideal, positive = under-unlearned."""
+    return (auc - retrained_auc) / retrained_auc * 100
+
+
+def forget_auc(model, tokenizer, corpus: Path, batch_size: int, limit: int | None) -> float:
+    forget = read_json(corpus, "privleak/forget.json")[:limit]
+    holdout = read_json(corpus, "privleak/holdout.json")[:limit]
+    return membership_auc(mink_scores(model, tokenizer, forget, batch_size),
+                          mink_scores(model, tokenizer, holdout, batch_size))
+
+
+def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
+                  knowmem_tokens: int = 32, batch_size: int = 8,
+                  limit: int | None = None) -> tuple[dict[str, float], dict[str, list]]:
+    """All MUSE metrics of ``model``: (scores, per-example records by metric)."""
+    model.eval()
+    vm = verbmem(model, tokenizer, read_json(corpus, "verbmem/forget.json")[:limit],
+                 verbmem_tokens, batch_size)
+    kf = knowmem(model, tokenizer, read_json(corpus, "knowmem/forget_qa.json")[:limit],
+                 read_json(corpus, "knowmem/forget_qa_icl.json"), knowmem_tokens, batch_size,
+                 "KnowMem_f")
+    kr = knowmem(model, tokenizer, read_json(corpus, "knowmem/retain_qa.json")[:limit],
+                 read_json(corpus, "knowmem/retain_qa_icl.json"), knowmem_tokens, batch_size,
+                 "KnowMem_r")
+    auc = forget_auc(model, tokenizer, corpus, batch_size, limit)
+    scores = {"verbmem_f": vm.score, "knowmem_f": kf.score, "knowmem_r": kr.score,
+              "privleak_auc": auc}
+    return scores, {"verbmem_f": vm.examples, "knowmem_f": kf.examples,
+                    "knowmem_r": kr.examples}

@@ -1,0 +1,249 @@
+"""The recipe: one declarative YAML file describing an unlearning run.
+
+Every section is a small pydantic model that forbids unknown keys. ``load_recipe``
+reads YAML (safe loader only), applies dot-list overrides and validates, raising
+``RecipeError`` with every problem at once, each naming its YAML path and, for a
+misspelled key, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Field(gt=0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The model to unlearn from."""
+
+    path: str = Field(description="Hub id, local folder, or 'embedded:target'.")
+    tokenizer: str | None = Field(None, description="Tokenizer source when not the model's own.")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class CorpusConfig(Section):
+    """A text corpus: a .txt/.json/.jsonl file, a local folder, or a hub dataset id."""
+
+    path: str
+    text_field: str = "text"
+    split: str = "train"
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    max_examples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class DataConfig(Section):
+    forget: CorpusConfig
+    retain: CorpusConfig | None = None
+    max_len: int = Field(2048, gt=0, description="Tokens per training chunk.")
+
+
+ForgetLoss = Literal["ga", "npo", "simnpo"]
+RetainLoss = Literal["gdr", "klr"]
+Combiner = Literal["blur", "blur_upper", "penalty"]
+
+
+class AlgorithmConfig(Section):
+    """Losses and how their gradients are combined (SPEC §2, §3)."""
+
+    forget_loss: ForgetLoss = "npo"
+    retain_loss: RetainLoss | None = "gdr"
+    combiner: Combiner = "blur"
+    forget_weight: float = Field(1.0, ge=0, description="w_f; MUSE's gamma.")
+    retain_weight: float = Field(1.0, ge=0, description="w_r; WMDP's alpha.")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of NPO/SimNPO.")
+    delta: float = Field(0.0, description="SimNPO margin.")
+    eps: float = Field(1e-12, gt=0, description="Added to squared norms in projections.")
+
+
+class SteeringConfig(Section):
+    """RMU steering: layer, coefficient and the parameters that train."""
+
+    layer: int = Field(7, ge=0)
+    coeff: float = Field(6.5, gt=0)
+    update_layers: list[int] = Field(default_factory=lambda: [5, 6, 7])
+    param_suffix: str = "mlp.down_proj.weight"
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    lr: float = Field(2.5e-5, gt=0)
+    batch_size: int = Field(4, gt=0, description="Per-device micro-batch size.")
+    grad_accum: int = Field(1, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+class HardwareConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = Field(1, gt=0)
+    num_machines: int = Field(1, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+class MuseEvalConfig(Section):
+    """MUSE metrics (SPEC §4) on a corpus in MUSE's layout."""
+
+    corpus: str = Field(description="Folder in MUSE's layout, or 'embedded:corpus'.")
+    retrained_model: str | None = Field(None, description="Model trained without D_f.")
+    retrained_auc: float | None = Field(None, gt=0, le=1,
+                                        description="Published AUC of the retrained model.")
+    verbmem_max_new_tokens: int = Field(128, gt=0)
+    knowmem_max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_examples: int | None = Field(None, gt=0)
+
+
+class EvalConfig(Section):
+    muse: MuseEvalConfig | None = None
+    compare_base: bool = Field(True, description="Also evaluate the model before unlearning.")
+
+
+class PublishConfig(Section):
+    repo_id: str | None = None
+    private: bool = True
+    tags: list[str] = Field(default_factory=list)
+
+
+class ContainerConfig(Section):
+    image: str | None = None
+    runtime: Literal["apptainer", "docker"] = "apptainer"
+    binds: list[str] = Field(default_factory=list)
+
+
+class Recipe(Section):
+    """A whole unlearning run."""
+
+    model: ModelConfig
+    data: DataConfig
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    steering: SteeringConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    container: ContainerConfig = Field(default_factory=ContainerConfig)
+    output_dir: str = "runs/latest"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        if self.algorithm.retain_loss is None and self.algorithm.combiner != "penalty":
+            raise ValueError("algorithm.combiner: a bi-level combiner needs algorithm.retain_loss")
+        if self.algorithm.retain_loss is not None and self.data.retain is None:
+            raise ValueError("data.retain: required by algorithm.retain_loss")
+        return self
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; ``problems`` holds one line per error."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class found by following ``loc`` down from ``model``."""
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(k for k in error["loc"] if not (isinstance(k, str) and "[" in k))
+    path = ".".join(str(k) for k in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(Recipe, loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"{path}: unknown key{suggestion} (valid: {', '.join(valid)})"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    if msg.startswith(path.split(".")[0]) or not error["loc"]:
+        return msg
+    return f"{path}: {msg} (got {error.get('input')!r})"
+
+
+def validate_dict(raw: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["(top level): a recipe must be a mapping of sections"])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` as (["a", "b", "c"], value), the value read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError("override", [f"{text!r}: expected KEY.PATH=VALUE"])
+    return key.split("."), yaml.safe_load(value) if value else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse ``path`` with the safe loader, refusing tags that build Python objects."""
+    if not path.is_file():
+        raise RecipeError(str(path), ["file not found"])
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_dict(raw, str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default written out."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
