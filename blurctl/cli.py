@@ -87,7 +87,20 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         out.print(f"results: {Path(resolved.output_dir) / 'results.json'}")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages replace the libraries' per-file chatter."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except KeyboardInterrupt:

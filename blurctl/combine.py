@@ -52,7 +52,9 @@ def _sum_of_products(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tens
     if not a:
         return torch.zeros(())
     partial = torch._foreach_mul(a, b)
-    return torch.stack([p.sum(dtype=torch.float32) for p in partial]).sum()
+    # Accumulate in at least float32, so bf16/fp16 gradients do not lose the sum.
+    return torch.stack([p.sum(dtype=torch.promote_types(p.dtype, torch.float32))
+                        for p in partial]).sum()
 
 
 def inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor],
@@ -78,13 +80,13 @@ def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combine
     w_f, w_r, eps = weights.forget, weights.retain, weights.eps
     if combiner == "blur":
         xi = w_f - w_r * dot / (nf + eps)
-        scale_r, scale_f = torch.as_tensor(w_r), xi
+        scale_r, scale_f = torch.as_tensor(w_r, dtype=dot.dtype), xi
     elif combiner == "blur_upper":
         xi = w_r - w_f * dot / (nr + eps)
-        scale_r, scale_f = xi, torch.as_tensor(w_f)
+        scale_r, scale_f = xi, torch.as_tensor(w_f, dtype=dot.dtype)
     elif combiner == "penalty":
         xi = torch.as_tensor(w_f, dtype=dot.dtype)
-        scale_r, scale_f = torch.as_tensor(w_r), xi
+        scale_r, scale_f = torch.as_tensor(w_r, dtype=dot.dtype), xi
     else:
         raise ValueError(f"unknown combiner {combiner!r}; expected blur, blur_upper or penalty")
     if g_r:

@@ -1,0 +1,3 @@
+from blurctl.cli import main
+
+main()
