@@ -101,7 +101,7 @@ def chunk_texts(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
     body = max_len - len(bos)
     chunks = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         chunks += [bos + ids[i:i + body] for i in range(0, len(ids), body)]
     return chunks
 

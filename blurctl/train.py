@@ -178,9 +178,10 @@ def unlearn(recipe: Recipe, run_dir: Path) -> Path:
                        "forget_loss": losses[0], "retain_loss": losses[1], **stats.as_floats()}
                 bad = [k for k, v in row.items() if not math.isfinite(v)]
                 if bad:
+                    also = f" (also {', '.join(bad[1:])})" if bad[1:] else ""
                     raise BlurctlError(
-                        f"step {step + 1}: {', '.join(bad)} is not finite ({row[bad[0]]}); "
-                        "stopped before the update, no weights were changed by this step")
+                        f"step {step + 1}: {bad[0]} is {row[bad[0]]}{also}; stopped before "
+                        "the update, so no weights were changed by this step")
                 if tr.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, tr.max_grad_norm)
                 optimizer.step()

@@ -78,7 +78,7 @@ def test_missing_file_names_the_field(tmp_path):
 class CharTokenizer:
     bos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):
         return {"input_ids": [ord(c) for c in text]}
 
 

@@ -1,0 +1,58 @@
+"""The embedded benchmark: deterministic, in MUSE's layout, and a model that memorised it."""
+
+import json
+
+from blurctl.bench.build import bench_dir, ensure_benchmark, resolve
+from blurctl.bench.corpus import make_split, write_muse_layout
+
+MUSE_FILES = ["raw/forget.txt", "raw/retain1.txt", "raw/retain2.txt", "raw/holdout.txt",
+              "verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
+              "knowmem/retain_qa.json", "knowmem/retain_qa_icl.json", "privleak/forget.json",
+              "privleak/retain.json", "privleak/holdout.json"]
+
+
+def test_corpus_is_deterministic_per_seed_and_in_muse_layout(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_muse_layout(make_split(6, seed), tmp_path / name)
+    for rel in MUSE_FILES:
+        assert (tmp_path / "a" / rel).read_text() == (tmp_path / "b" / rel).read_text()
+    assert (tmp_path / "a/raw/forget.txt").read_text() != (tmp_path / "c/raw/forget.txt").read_text()
+    qa = json.loads((tmp_path / "a/knowmem/forget_qa.json").read_text())
+    assert set(qa[0]) == {"question", "answer"}
+    vm = json.loads((tmp_path / "a/verbmem/forget.json").read_text())
+    assert set(vm[0]) == {"prompt", "gt"}
+    assert all(isinstance(t, str) for t in json.loads((tmp_path / "a/privleak/holdout.json").read_text()))
+
+
+def test_splits_share_no_entities():
+    split = make_split(8, 0)
+    names = [e.name for part in (split.forget, split.retain1, split.retain2, split.holdout) for e in part]
+    assert len(names) == len(set(names)) == 32
+
+
+def test_forget_facts_appear_only_in_forget_corpus(tmp_path):
+    split = make_split(6, 1)
+    write_muse_layout(split, tmp_path)
+    retain = (tmp_path / "raw/retain1.txt").read_text() + (tmp_path / "raw/retain2.txt").read_text()
+    forget = (tmp_path / "raw/forget.txt").read_text()
+    for e in split.forget:
+        assert e.name in forget and e.name not in retain
+
+
+def test_built_benchmark_has_models_that_memorised_forget(embedded):
+    from blurctl.models import load_tokenizer
+    from blurctl.recipe import ModelConfig
+    from blurctl.muse import knowmem, read_json
+    from transformers import AutoModelForCausalLM
+
+    root = ensure_benchmark()
+    assert root == bench_dir() and (root / "READY").exists()
+    assert resolve("embedded:corpus") == str(root / "corpus")
+    assert resolve("/some/path") == "/some/path"
+    tok = load_tokenizer(ModelConfig(path="embedded:target"))
+    qa = read_json(root / "corpus", "knowmem/forget_qa.json")[:20]
+    icl = read_json(root / "corpus", "knowmem/forget_qa_icl.json")
+    target = AutoModelForCausalLM.from_pretrained(root / "target")
+    retrained = AutoModelForCausalLM.from_pretrained(root / "retrained")
+    assert knowmem(target, tok, qa, icl, 16, 20, "t").score > 60
+    assert knowmem(retrained, tok, qa, icl, 16, 20, "r").score < 30
