@@ -70,7 +70,9 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
 
 
 @app.command()
-def run(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def run(recipe: RecipeArg, overrides: OverridesArg = None,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Continue from the newest checkpoint in output_dir.")] = False) -> None:
     """Unlearn, evaluate and save: the whole job a recipe describes.
 
     Example: blurctl run recipes/demo.yaml algorithm.combiner=penalty output_dir=runs/penalty
@@ -79,7 +81,7 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     resolved = _load(recipe, overrides)
     try:
-        results = run_pipeline(resolved)
+        results = run_pipeline(resolved, resume=resume)
     except BlurctlError as exc:
         _fail(exc)
     if results:

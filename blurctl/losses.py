@@ -1,4 +1,4 @@
-"""Forget and retain losses (SPEC §3), each a function of (model, reference, batch).
+"""Forget and retain losses (SPEC §3), each a function of (model, reference, batch, context).
 
 A batch is a dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where a
 token is padding or prompt). Token log-likelihoods skip those positions.
@@ -7,14 +7,26 @@ token is padding or prompt). Token log-likelihoods skip those positions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from blurctl.recipe import AlgorithmConfig
+from blurctl.recipe import AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", Batch, AlgorithmConfig], torch.Tensor]
+
+
+@dataclass
+class LossContext:
+    """What a loss needs besides the models and the batch."""
+
+    alg: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    steering: SteeringConfig | None = None
+    control: torch.Tensor | None = None  # RMU: the fixed random unit vector u
+
+
+LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", Batch, LossContext], torch.Tensor]
 
 
 def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -36,38 +48,50 @@ def sequence_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor
     return logp.sum(-1), mask.sum(-1)
 
 
+def token_mean(values: torch.Tensor, mask: torch.Tensor, batch: Batch, key: str) -> torch.Tensor:
+    """Sum of ``values`` over ``mask`` divided by the batch's token count.
+
+    The training loop sets ``batch[key]`` so that per-rank, per-micro-batch losses add
+    up to the mean over every token of the global step; alone, it is this batch's count.
+    """
+    count = batch.get(key)
+    if count is None:
+        count = mask.sum().clamp(min=1)
+    return (values * mask).sum() / count
+
+
 def nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean token cross-entropy over the tokens that count."""
     logp, mask = token_logprobs(_logits(model, batch), batch["labels"])
-    return -logp.sum() / mask.sum().clamp(min=1)
+    return -token_mean(logp, mask, batch, "target_tokens")
 
 
-def ga(model, ref, batch, cfg) -> torch.Tensor:
+def ga(model, ref, batch, ctx) -> torch.Tensor:
     """Gradient ascent: the negated NLL on the forget batch."""
     return -nll(model, batch)
 
 
-def npo(model, ref, batch, cfg) -> torch.Tensor:
+def npo(model, ref, batch, ctx) -> torch.Tensor:
     """Sequence-level NPO: -(2/beta) mean log sigmoid(-beta (log pi(x) - log pi_ref(x)))."""
     logp, _ = sequence_logprob(model, batch)
     with torch.no_grad():
         ref_logp, _ = sequence_logprob(ref, batch)
-    return -(2.0 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean()
+    return -(2.0 / ctx.alg.beta) * F.logsigmoid(-ctx.alg.beta * (logp - ref_logp)).mean()
 
 
-def simnpo(model, ref, batch, cfg) -> torch.Tensor:
+def simnpo(model, ref, batch, ctx) -> torch.Tensor:
     """SimNPO: -(2/beta) mean log sigmoid(-(beta/|x|) log pi(x) - delta), no reference."""
     logp, length = sequence_logprob(model, batch)
-    return -(2.0 / cfg.beta) * F.logsigmoid(
-        -(cfg.beta / length.clamp(min=1)) * logp - cfg.delta).mean()
+    return -(2.0 / ctx.alg.beta) * F.logsigmoid(
+        -(ctx.alg.beta / length.clamp(min=1)) * logp - ctx.alg.delta).mean()
 
 
-def gdr(model, ref, batch, cfg) -> torch.Tensor:
+def gdr(model, ref, batch, ctx) -> torch.Tensor:
     """Gradient descent on retain: NLL of the retain batch."""
     return nll(model, batch)
 
 
-def klr(model, ref, batch, cfg) -> torch.Tensor:
+def klr(model, ref, batch, ctx) -> torch.Tensor:
     """KL(pi_ref || pi_theta) per retain token, averaged over the tokens that count."""
     logits = _logits(model, batch)[:, :-1].float()
     with torch.no_grad():
@@ -75,9 +99,47 @@ def klr(model, ref, batch, cfg) -> torch.Tensor:
     mask = batch["labels"][:, 1:] != -100
     kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1),
                   log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return token_mean(kl, mask, batch, "target_tokens")
 
 
-FORGET_LOSSES: dict[str, LossFn] = {"ga": ga, "npo": npo, "simnpo": simnpo}
-RETAIN_LOSSES: dict[str, LossFn] = {"gdr": gdr, "klr": klr}
-NEEDS_REFERENCE = {"npo", "klr"}
+def hidden_at(model: torch.nn.Module, batch: Batch, layer: int) -> torch.Tensor:
+    """Output of decoder layer ``layer`` (0-based) for every token."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True)
+    return out.hidden_states[layer + 1]
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
+    per_token = (a.float() - b.float()).pow(2).mean(-1)
+    return token_mean(per_token, batch["attention_mask"], batch, "input_tokens")
+
+
+def rmu_forget(model, ref, batch, ctx) -> torch.Tensor:
+    """RMU: push layer-l activations on forget tokens towards c*u (mean squared error)."""
+    h = hidden_at(model, batch, ctx.steering.layer)
+    target = (ctx.steering.coeff * ctx.control).to(h.device)
+    return _masked_mse(h, target.expand_as(h), batch)
+
+
+def rmu_retain(model, ref, batch, ctx) -> torch.Tensor:
+    """RMU: keep layer-l activations on retain tokens equal to the frozen model's."""
+    h = hidden_at(model, batch, ctx.steering.layer)
+    with torch.no_grad():
+        h_ref = hidden_at(ref, batch, ctx.steering.layer)
+    return _masked_mse(h, h_ref, batch)
+
+
+def control_vector(hidden_size: int, seed: int) -> torch.Tensor:
+    """RMU's fixed random direction u: uniform [0, 1) entries, normalised to unit length."""
+    u = torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed))
+    return u / u.norm()
+
+
+FORGET_LOSSES: dict[str, LossFn] = {"ga": ga, "npo": npo, "simnpo": simnpo, "rmu": rmu_forget}
+RETAIN_LOSSES: dict[str, LossFn] = {"gdr": gdr, "klr": klr, "rmu": rmu_retain}
+NEEDS_REFERENCE = {("forget", "npo"), ("retain", "klr"), ("retain", "rmu")}
+
+
+def needs_reference(alg: AlgorithmConfig) -> bool:
+    return (("forget", alg.forget_loss) in NEEDS_REFERENCE
+            or ("retain", alg.retain_loss) in NEEDS_REFERENCE)

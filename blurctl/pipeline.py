@@ -9,7 +9,9 @@ from pathlib import Path
 from blurctl.bench.build import resolve
 from blurctl.envinfo import environment
 from blurctl.errors import BlurctlError
-from blurctl.recipe import Recipe, recipe_yaml
+import yaml
+
+from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
 RESOLVED_RECIPE = "recipe.yaml"
 ENVIRONMENT = "environment.json"
@@ -21,10 +23,25 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
+def prepare_run_dir(recipe: Recipe, resume: bool = False) -> Path:
+    """Create the run folder and record the recipe and environment in it."""
+    from blurctl.checkpoint import checkpoint_dirs
+
     run_dir = Path(recipe.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise BlurctlError(f"output_dir: {run_dir} exists and is not a folder")
+    saved = run_dir / RESOLVED_RECIPE
+    if resume:
+        if not saved.exists():
+            raise BlurctlError(f"--resume: {run_dir} holds no earlier run ({saved} is missing)")
+        before = validate_dict(yaml.safe_load(saved.read_text()), str(saved)).model_dump()
+        changed = sorted(_changed_keys(before, recipe.model_dump()))
+        if changed:
+            raise BlurctlError(f"--resume: the recipe differs from {saved} in "
+                               f"{', '.join(changed)}; resume with the same recipe")
+    elif checkpoint_dirs(run_dir):
+        raise BlurctlError(f"output_dir: {run_dir} holds checkpoints of an earlier run; "
+                           "pass --resume to continue it or choose another output_dir")
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESOLVED_RECIPE).write_text(recipe_yaml(recipe))
@@ -72,11 +89,22 @@ def evaluate(recipe: Recipe, model_dir: str | None, run_dir: Path) -> dict:
     return out
 
 
-def run(recipe: Recipe) -> dict:
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _changed_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def run(recipe: Recipe, resume: bool = False) -> dict:
     from blurctl.train import unlearn
 
-    run_dir = prepare_run_dir(recipe)
-    model_dir = unlearn(recipe, run_dir)
+    run_dir = prepare_run_dir(recipe, resume)
+    model_dir = unlearn(recipe, run_dir, resume)
     if not is_main_process():
         return {}
     return evaluate(recipe, str(model_dir), run_dir)

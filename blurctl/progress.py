@@ -14,7 +14,7 @@ def _is_main_process() -> bool:
 
 
 @contextmanager
-def progress_bar(desc: str, total: int) -> Iterator[Callable[..., None]]:
+def progress_bar(desc: str, total: int, completed: int = 0) -> Iterator[Callable[..., None]]:
     """Yield ``advance(**fields)``: moves the bar one step and shows ``fields`` beside it."""
     if not _is_main_process() or os.environ.get("BLURCTL_NO_PROGRESS"):
         yield lambda **_: None
@@ -22,7 +22,7 @@ def progress_bar(desc: str, total: int) -> Iterator[Callable[..., None]]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(desc, total=total, info="")
+        task = bar.add_task(desc, total=total, completed=completed, info="")
 
         def advance(**fields: float) -> None:
             info = " ".join(f"{k}={v:.4g}" for k, v in fields.items())

@@ -53,9 +53,10 @@ class DataConfig(Section):
     max_len: int = Field(2048, gt=0, description="Tokens per training chunk.")
 
 
-ForgetLoss = Literal["ga", "npo", "simnpo"]
-RetainLoss = Literal["gdr", "klr"]
-Combiner = Literal["blur", "blur_upper", "penalty"]
+ForgetLoss = Literal["ga", "npo", "simnpo", "rmu"]
+RetainLoss = Literal["gdr", "klr", "rmu"]
+Combiner = Literal["blur", "blur_upper", "penalty", "task_vector"]
+BILEVEL = ("blur", "blur_upper")
 
 
 class AlgorithmConfig(Section):
@@ -69,15 +70,18 @@ class AlgorithmConfig(Section):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of NPO/SimNPO.")
     delta: float = Field(0.0, description="SimNPO margin.")
     eps: float = Field(1e-12, gt=0, description="Added to squared norms in projections.")
+    task_vector_scale: float = Field(1.0, gt=0, description="task_vector: theta - s*(theta_ft - theta).")
 
 
 class SteeringConfig(Section):
     """RMU steering: layer, coefficient and the parameters that train."""
 
-    layer: int = Field(7, ge=0)
-    coeff: float = Field(6.5, gt=0)
-    update_layers: list[int] = Field(default_factory=lambda: [5, 6, 7])
-    param_suffix: str = "mlp.down_proj.weight"
+    layer: int = Field(7, ge=0, description="Decoder layer whose output is steered (0-based).")
+    coeff: float = Field(6.5, gt=0, description="Steering coefficient c.")
+    update_layers: list[int] = Field(default_factory=lambda: [5, 6, 7], min_length=1)
+    param_suffix: str = Field("mlp.down_proj.weight",
+                              description="Which parameter of each updated layer trains.")
+    seed: int = Field(0, description="Seed of the random control vector u.")
 
 
 class TrainConfig(Section):
@@ -91,6 +95,8 @@ class TrainConfig(Section):
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
 
 
 class HardwareConfig(Section):
@@ -98,7 +104,7 @@ class HardwareConfig(Section):
     num_processes: int = Field(1, gt=0)
     num_machines: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
 
 
 class MuseEvalConfig(Section):
@@ -148,11 +154,31 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
-        if self.algorithm.retain_loss is None and self.algorithm.combiner != "penalty":
-            raise ValueError("algorithm.combiner: a bi-level combiner needs algorithm.retain_loss")
-        if self.algorithm.retain_loss is not None and self.data.retain is None:
-            raise ValueError("data.retain: required by algorithm.retain_loss")
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def cross_field_problems(r: Recipe) -> list[str]:
+    """Rules that involve more than one key, each as 'path: message'."""
+    alg, problems = r.algorithm, []
+    if alg.combiner in BILEVEL and alg.retain_loss is None:
+        problems.append(f"algorithm.retain_loss: combiner {alg.combiner!r} needs a retain loss")
+    if alg.combiner == "task_vector":
+        if alg.forget_loss != "ga" or alg.retain_loss is not None:
+            problems.append("algorithm.combiner: task_vector fine-tunes on D_f and subtracts; "
+                            "set forget_loss: ga and retain_loss: null")
+    if alg.retain_loss is not None and r.data.retain is None:
+        problems.append(f"data.retain: required by algorithm.retain_loss={alg.retain_loss!r}")
+    if "rmu" in (alg.forget_loss, alg.retain_loss) and r.steering is None:
+        problems.append("steering: required by the rmu loss (layer, coeff, update_layers)")
+    if r.hardware.strategy == "deepspeed" and alg.combiner in BILEVEL:
+        problems.append(f"hardware.strategy: deepspeed shards gradients across ranks and is not "
+                        f"supported with combiner {alg.combiner!r}; use fsdp")
+    if r.data.retain is not None and r.data.retain.path == r.data.forget.path:
+        problems.append("data.retain: same corpus as data.forget")
+    return problems
 
 
 class RecipeError(Exception):
@@ -189,7 +215,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
-    if msg.startswith(path.split(".")[0]) or not error["loc"]:
+    if not error["loc"]:
         return msg
     return f"{path}: {msg} (got {error.get('input')!r})"
 
@@ -200,7 +226,8 @@ def validate_dict(raw: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(source, [_describe(e) for e in exc.errors()]) from None
+        lines = [line for e in exc.errors() for line in _describe(e).splitlines()]
+        raise RecipeError(source, lines) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -5,26 +5,26 @@ micro-batches. The forget gradients are accumulated first and set aside (the one
 extra gradient-sized buffer), then the retain gradients; ``combine_`` turns the
 pair into the update direction, which is clipped and handed to the optimizer.
 Batches are drawn from seeded permutations indexed by the global step, so a run
-is reproducible and every rank of a distributed run takes its slice of the same
-global batch.
+is reproducible, resumes exactly, and every rank of a distributed run takes its
+slice of the same global batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from blurctl import checkpoint as ckpt
 from blurctl.combine import Weights, combine_
 from blurctl.data import chunk_texts, collate, load_texts
 from blurctl.errors import BlurctlError
-from blurctl.losses import FORGET_LOSSES, NEEDS_REFERENCE, RETAIN_LOSSES
+from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, needs_reference,
+                            nll)
 from blurctl.models import frozen_copy, load_model, load_tokenizer
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe
@@ -63,6 +63,26 @@ def steps_per_epoch(n_forget: int, recipe: Recipe, world: int) -> int:
     return max(1, math.ceil(n_forget / per_step))
 
 
+def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
+    """RMU trains only the chosen parameters of the chosen layers; other methods train all."""
+    alg, steer = recipe.algorithm, recipe.steering
+    if "rmu" not in (alg.forget_loss, alg.retain_loss):
+        return
+    n_layers = model.config.num_hidden_layers
+    bad = [i for i in [steer.layer, *steer.update_layers] if i >= n_layers]
+    if bad:
+        raise BlurctlError(f"steering: layer {bad[0]} out of range; the model has {n_layers} "
+                           f"layers (0..{n_layers - 1})")
+    wanted = {f"layers.{i}.{steer.param_suffix}" for i in steer.update_layers}
+    chosen = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.endswith(w) for w in wanted))
+        chosen += p.requires_grad
+    if chosen != len(wanted):
+        raise BlurctlError(f"steering.param_suffix: {steer.param_suffix!r} matched {chosen} of "
+                           f"{len(wanted)} parameters in layers {steer.update_layers}")
+
+
 def _make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
 
@@ -84,6 +104,20 @@ def _optimizer(params: list[torch.nn.Parameter], recipe: Recipe, total_steps: in
                               num_training_steps=total_steps)
 
 
+def _shard_fsdp(model: torch.nn.Module) -> None:
+    """Shard each decoder layer and the root with torch FSDP2 (``fully_shard``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Detach the accumulated gradients from ``params`` (zeros where none flowed)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -92,87 +126,115 @@ def _take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return grads
 
 
-def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> None:
-    """Write to a sibling temporary folder, then rename: ``target`` is never half-written."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _task_vector_loss(model, ref, batch, ctx) -> torch.Tensor:
+    """Task vector: fine-tune *towards* D_f; the difference is subtracted afterwards."""
+    return nll(model, batch)
 
 
-def unlearn(recipe: Recipe, run_dir: Path) -> Path:
+def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     """Run unlearning as the recipe says; return the folder of the saved model."""
+    import torch.distributed as dist
     from accelerate.utils import set_seed
 
     accelerator = _make_accelerator(recipe)
     set_seed(recipe.seed)
     alg, tr = recipe.algorithm, recipe.train
+    world, rank = accelerator.num_processes, accelerator.process_index
+    fsdp = recipe.hardware.strategy == "fsdp" and world > 1
 
     tokenizer = load_tokenizer(recipe.model, recipe.seed)
     forget = chunk_texts(load_texts(recipe.data.forget, "data.forget", recipe.seed),
                          tokenizer, recipe.data.max_len)
     retain = (chunk_texts(load_texts(recipe.data.retain, "data.retain", recipe.seed),
-                          tokenizer, recipe.data.max_len) if recipe.data.retain else [])
+                          tokenizer, recipe.data.max_len)
+              if recipe.data.retain and alg.retain_loss else [])
 
     model = load_model(recipe.model, recipe.seed)
-    needs_ref = {alg.forget_loss, alg.retain_loss} & NEEDS_REFERENCE
-    ref = frozen_copy(model) if needs_ref else None
+    select_trainable(model, recipe)
+    ref = frozen_copy(model) if needs_reference(alg) else None
+    base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                  if alg.combiner == "task_vector" else None)
+    ctx = LossContext(alg, recipe.steering,
+                      control_vector(model.config.hidden_size, recipe.steering.seed)
+                      if recipe.steering else None)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = steps_per_epoch(len(forget), recipe, world)
     total = tr.max_steps or per_epoch * tr.epochs
+    if fsdp:
+        model.to(accelerator.device)
+        _shard_fsdp(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(params, recipe, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        all_reduce = _sum_across_ranks
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        all_reduce = None  # DDP has already averaged the gradients across ranks
     if ref is not None:
         ref = ref.to(accelerator.device)
 
+    start = 0
+    if resume:
+        start = ckpt.restore_latest(run_dir, model, optimizer, scheduler, fsdp)
+        if start >= total:
+            accelerator.print(f"resume: run already finished at step {start}")
+
     forget_plan = BatchPlan(len(forget), tr.batch_size, world, rank, recipe.seed)
     retain_plan = BatchPlan(max(len(retain), 1), tr.batch_size, world, rank, recipe.seed + 1)
-    forget_fn = FORGET_LOSSES[alg.forget_loss]
+    forget_fn = _task_vector_loss if alg.combiner == "task_vector" else FORGET_LOSSES[alg.forget_loss]
     retain_fn = RETAIN_LOSSES[alg.retain_loss] if alg.retain_loss else None
+    combiner = "penalty" if alg.combiner == "task_vector" else alg.combiner
     weights = Weights(alg.forget_weight, alg.retain_weight, alg.eps)
-    all_reduce = None  # DDP has already averaged the gradients across ranks
     pad = tokenizer.pad_token_id
 
-    def accumulate(loss_fn, plan: BatchPlan, chunks: list[list[int]], step: int) -> torch.Tensor:
+    def micro_batches(plan: BatchPlan, chunks: list[list[int]], step: int) -> list[dict]:
+        batches = [collate([chunks[i] for i in plan.indices(step * tr.grad_accum + k)], pad)
+                   for k in range(tr.grad_accum)]
+        counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()]
+                               for b in batches], dtype=torch.float64).sum(0)
+        if world > 1:
+            counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+        norm = counts / (world * tr.grad_accum)
+        for b in batches:
+            b["target_tokens"], b["input_tokens"] = norm[0].float(), norm[1].float()
+        return [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+
+    def accumulate(loss_fn, batches: list[dict]) -> torch.Tensor:
         total_loss = torch.zeros((), device=accelerator.device)
-        for k in range(tr.grad_accum):
-            batch = collate([chunks[i] for i in plan.indices(step * tr.grad_accum + k)], pad)
-            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-            sync = k == tr.grad_accum - 1
-            with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss = loss_fn(model, ref, batch, alg) / tr.grad_accum
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+                context = nullcontext()
+            else:
+                context = nullcontext() if sync else accelerator.no_sync(model)
+            with context, accelerator.autocast():
+                loss = loss_fn(model, ref, batch, ctx) / tr.grad_accum
             accelerator.backward(loss)
             total_loss += loss.detach()
         return total_loss
 
-    log_path = run_dir / LOG_FILENAME
-    log = open(log_path, "w") if accelerator.is_main_process else None
+    log = ckpt.open_log(run_dir / LOG_FILENAME, start) if accelerator.is_main_process else None
+    desc = (f"unlearning ({alg.combiner}: {alg.forget_loss}"
+            f"{'+' + alg.retain_loss if alg.retain_loss else ''})")
     try:
-        with progress_bar(f"unlearning ({alg.combiner}: {alg.forget_loss}"
-                          f"{'+' + alg.retain_loss if alg.retain_loss else ''})", total) as advance:
-            for step in range(total):
-                f_loss = accumulate(forget_fn, forget_plan, forget, step)
+        with progress_bar(desc, total, start) as advance:
+            for step in range(start, total):
+                f_loss = accumulate(forget_fn, micro_batches(forget_plan, forget, step))
                 g_f = _take_grads(params)
                 if retain_fn is not None:
-                    r_loss = accumulate(retain_fn, retain_plan, retain, step)
+                    r_loss = accumulate(retain_fn, micro_batches(retain_plan, retain, step))
                     g_r = _take_grads(params)
                 else:
-                    r_loss = torch.zeros(())
+                    r_loss = torch.zeros((), device=f_loss.device)
                     g_r = [torch.zeros_like(g) for g in g_f]
-                stats = combine_(g_f, g_r, alg.combiner, weights, all_reduce)
+                stats = combine_([_local(g) for g in g_f], [_local(g) for g in g_r],
+                                 combiner, weights, all_reduce)
                 for p, d in zip(params, g_r):
                     p.grad = d
                 del g_f
-                losses = accelerator.reduce(torch.stack([f_loss, r_loss.to(f_loss.device)]),
-                                            reduction="mean").tolist()
+                losses = accelerator.reduce(torch.stack([f_loss, r_loss]), reduction="mean").tolist()
                 row = {"step": step + 1, "epoch": step // per_epoch + 1,
                        "lr": scheduler.get_last_lr()[0],
                        "forget_loss": losses[0], "retain_loss": losses[1], **stats.as_floats()}
@@ -181,7 +243,8 @@ def unlearn(recipe: Recipe, run_dir: Path) -> Path:
                     also = f" (also {', '.join(bad[1:])})" if bad[1:] else ""
                     raise BlurctlError(
                         f"step {step + 1}: {bad[0]} is {row[bad[0]]}{also}; stopped before "
-                        "the update, so no weights were changed by this step")
+                        "the update, so no weights were changed by this step"
+                        + ckpt.last_good_hint(run_dir))
                 if tr.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, tr.max_grad_norm)
                 optimizer.step()
@@ -190,15 +253,31 @@ def unlearn(recipe: Recipe, run_dir: Path) -> Path:
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                if tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < total:
+                    ckpt.save(run_dir, step + 1, model, optimizer, scheduler, fsdp,
+                              accelerator.is_main_process, tr.keep_checkpoints)
+                    accelerator.wait_for_everyone()
                 advance(f=row["forget_loss"], r=row["retain_loss"], cos=row["cosine"])
     finally:
         if log is not None:
             log.close()
 
     accelerator.wait_for_everyone()
+    state = ckpt.full_model_state(model, fsdp) if fsdp else accelerator.get_state_dict(model)
+    if base_state is not None and accelerator.is_main_process:
+        state = {k: base_state[k] - alg.task_vector_scale * (v.to(base_state[k].device) - base_state[k])
+                 for k, v in state.items()}
     target = run_dir / MODEL_DIRNAME
-    state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_model_atomically(accelerator.unwrap_model(model), tokenizer, target, state)
+        ckpt.save_model_atomically(accelerator.unwrap_model(model), tokenizer, target, state)
     accelerator.wait_for_everyone()
+    if dist.is_initialized() and fsdp:
+        dist.barrier()
     return target
+
+
+def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

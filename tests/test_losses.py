@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from blurctl.losses import ga, gdr, klr, npo, simnpo, token_logprobs
+from blurctl.losses import LossContext, ga, gdr, klr, npo, simnpo, token_logprobs
 from blurctl.models import frozen_copy
 from blurctl.recipe import AlgorithmConfig
 
@@ -43,17 +43,18 @@ def test_token_logprobs_skip_padding(batch, model):
 
 def test_ga_is_negated_hf_loss_and_gdr_is_hf_loss(model, batch):
     ref_loss = model(**batch).loss.item()
-    assert gdr(model, None, batch, AlgorithmConfig()).item() == pytest.approx(ref_loss, rel=1e-5)
-    assert ga(model, None, batch, AlgorithmConfig()).item() == pytest.approx(-ref_loss, rel=1e-5)
+    assert gdr(model, None, batch, LossContext(AlgorithmConfig())).item() == pytest.approx(ref_loss, rel=1e-5)
+    assert ga(model, None, batch, LossContext(AlgorithmConfig())).item() == pytest.approx(-ref_loss, rel=1e-5)
 
 
 def test_npo_is_sequence_level(model, batch):
     cfg = AlgorithmConfig(beta=0.5)
+    ctx = LossContext(cfg)
     ref = frozen_copy(model)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    got = npo(model, ref, batch, cfg).item()
+    got = npo(model, ref, batch, ctx).item()
     terms = []
     for row in range(2):
         lp, _ = seq_logprob_by_hand(model, batch, row)
@@ -64,13 +65,15 @@ def test_npo_is_sequence_level(model, batch):
 
 def test_npo_equals_2_over_beta_log2_at_reference(model, batch):
     cfg = AlgorithmConfig(beta=0.1)
-    got = npo(model, frozen_copy(model), batch, cfg).item()
+    ctx = LossContext(cfg)
+    got = npo(model, frozen_copy(model), batch, ctx).item()
     assert got == pytest.approx((2 / 0.1) * math.log(2), rel=1e-5)
 
 
 def test_simnpo_uses_length_normalised_logprob(model, batch):
     cfg = AlgorithmConfig(beta=2.0, delta=0.3)
-    got = simnpo(model, None, batch, cfg).item()
+    ctx = LossContext(cfg)
+    got = simnpo(model, None, batch, ctx).item()
     terms = []
     for row in range(2):
         lp, n = seq_logprob_by_hand(model, batch, row)
@@ -80,12 +83,12 @@ def test_simnpo_uses_length_normalised_logprob(model, batch):
 
 
 def test_klr_is_zero_at_reference_and_matches_by_hand_kl(model, batch):
-    assert klr(model, frozen_copy(model), batch, AlgorithmConfig()).item() == pytest.approx(0, abs=1e-6)
+    assert klr(model, frozen_copy(model), batch, LossContext(AlgorithmConfig())).item() == pytest.approx(0, abs=1e-6)
     ref = frozen_copy(model)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    got = klr(model, ref, batch, AlgorithmConfig()).item()
+    got = klr(model, ref, batch, LossContext(AlgorithmConfig())).item()
     kls = []
     for row in range(2):
         n = int(batch["attention_mask"][row].sum())

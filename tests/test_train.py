@@ -44,9 +44,9 @@ def test_one_step_matches_independent_computation(embedded, tmp_path, combiner):
     ref = frozen_copy(model)
     fb = collate([forget[i] for i in BatchPlan(len(forget), 3, 1, 0, 0).indices(0)], tok.pad_token_id)
     rb = collate([retain[i] for i in BatchPlan(len(retain), 3, 1, 0, 1).indices(0)], tok.pad_token_id)
-    f_loss = losses.npo(model, ref, fb, recipe.algorithm)
+    f_loss = losses.npo(model, ref, fb, losses.LossContext(recipe.algorithm))
     g_f = flat_grad(model, f_loss)
-    r_loss = losses.gdr(model, ref, rb, recipe.algorithm)
+    r_loss = losses.gdr(model, ref, rb, losses.LossContext(recipe.algorithm))
     g_r = flat_grad(model, r_loss)
 
     assert row["forget_loss"] == pytest.approx(f_loss.item(), rel=1e-5)

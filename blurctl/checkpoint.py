@@ -1,0 +1,159 @@
+"""Checkpoints: written atomically, found again on resume, pruned to the newest few.
+
+A checkpoint is ``RUN_DIR/checkpoints/step-NNNNNNN/`` holding the full model state
+(safetensors), optimizer and scheduler state, RNG state and ``state.json``. It is
+written into a hidden temporary folder and renamed into place, so a checkpoint
+folder that exists is complete, whatever killed the process and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import IO
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blurctl.errors import BlurctlError
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "state.json").exists()]
+    return sorted(found)
+
+
+def last_good_hint(run_dir: Path) -> str:
+    dirs = checkpoint_dirs(run_dir)
+    return f"; last good checkpoint: {dirs[-1][1]}" if dirs else ""
+
+
+def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU (gathered from every rank under FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        # Gathering unties shared weights (e.g. tied embeddings); keep each once.
+        unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        return {k: v for k, v in state.items() if k in unique}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optimizer_state(model, optimizer, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, fsdp: bool, is_main: bool,
+         keep: int) -> Path:
+    """Write checkpoint ``step`` atomically and prune older ones beyond ``keep``."""
+    model_state = full_model_state(_unwrap(model), fsdp)
+    optim_state = _optimizer_state(_unwrap(model), optimizer, fsdp)
+    final = run_dir / CHECKPOINTS / f"step-{step:07d}"
+    if not is_main:
+        return final
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Tied weights share storage; safetensors wants each tensor stored once.
+    save_file({k: v.contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for _, old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore_latest(run_dir: Path, model, optimizer, scheduler, fsdp: bool) -> int:
+    """Load the newest complete checkpoint into the training objects; return its step."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        raise BlurctlError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS} "
+                           "(set train.save_every to write them)")
+    step, path = dirs[-1]
+    model_state = load_file(path / "model.safetensors")
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    inner = _unwrap(model)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(inner, model_state, options=opts)
+        set_optimizer_state_dict(inner, optimizer, trainer["optimizer"], options=opts)
+    else:
+        try:
+            inner.load_state_dict(model_state, strict=True)
+        except RuntimeError as exc:
+            raise BlurctlError(f"{path}: checkpoint does not match the model "
+                               f"({str(exc).splitlines()[0]})") from None
+        optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return step
+
+
+def open_log(path: Path, keep_steps: int) -> IO[str]:
+    """Open the per-step log for appending, dropping rows after ``keep_steps`` (resume)."""
+    rows = []
+    if keep_steps and path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= keep_steps]
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in rows)
+    log.flush()
+    return log
+
+
+def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> None:
+    """Write to a sibling temporary folder, then rename: ``target`` is never half-written."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _fsync_dir(tmp)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
