@@ -10,7 +10,8 @@ every rank's shard via ``all_reduce``):
                                     = w_f g_f + xi g_r,  xi = w_r - w_f <g_r,g_f>/(|g_r|^2+eps)
 * ``penalty`` (weighted sum):     d = w_f g_f + w_r g_r
 
-The reductions are foreach vector ops with no host synchronisation.
+The reductions are one dot product per tensor and in-place foreach ops: no host
+synchronisation and no temporary gradient-sized buffer.
 """
 
 from __future__ import annotations
@@ -48,20 +49,21 @@ class CombineStats:
                 "cosine": dot / denom if denom > 0 else 0.0}
 
 
-def _sum_of_products(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    if not a:
-        return torch.zeros(())
-    partial = torch._foreach_mul(a, b)
-    # Accumulate in at least float32, so bf16/fp16 gradients do not lose the sum.
-    return torch.stack([p.sum(dtype=torch.promote_types(p.dtype, torch.float32))
-                        for p in partial]).sum()
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> as a 0-d tensor, accumulated in at least float32, with no temporary copy."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor],
                    all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, ...]:
     """<g_r,g_f>, |g_f|^2, |g_r|^2 over all tensors, summed across ranks by ``all_reduce``."""
-    three = torch.stack([_sum_of_products(g_r, g_f), _sum_of_products(g_f, g_f),
-                         _sum_of_products(g_r, g_r)])
+    if g_f:
+        three = torch.stack([torch.stack([_dot(r, f), _dot(f, f), _dot(r, r)])
+                             for f, r in zip(g_f, g_r)]).sum(0)
+    else:
+        three = torch.zeros(3)
     if all_reduce is not None:
         three = all_reduce(three)
     return three[0], three[1], three[2]
