@@ -43,15 +43,27 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
 
 
 def results_table(results: dict) -> Table:
-    table = Table(title="MUSE metrics")
-    cols = [("verbmem_f", "VerbMem_f ↓"), ("knowmem_f", "KnowMem_f ↓"),
-            ("knowmem_r", "KnowMem_r ↑"), ("privleak", "PrivLeak →0"),
-            ("privleak_auc", "AUC")]
+    """Each evaluated model's metrics, with 95% intervals where they were computed."""
+    from blurctl.report import COLUMNS
+
+    models = results.get("models", {})
+    keys = [k for k, _ in COLUMNS] + sorted(
+        {k for s in models.values() for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+    shown = [k for k in keys if any(k in s for s in models.values())]
+    table = Table(title="Evaluation")
     table.add_column("model")
-    for _, title in cols:
-        table.add_column(title, justify="right")
-    for name, scores in results.get("muse", {}).items():
-        table.add_row(name, *(f"{scores[k]:.2f}" if k in scores else "-" for k, _ in cols))
+    titles = dict(COLUMNS)
+    for k in shown:
+        table.add_column(titles.get(k, k), justify="right")
+
+    def cell(scores: dict, k: str) -> str:
+        if k not in scores or scores[k] is None:
+            return "-"
+        ci = scores.get(f"{k}_ci")
+        return f"{scores[k]:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+    for name, scores in models.items():
+        table.add_row(name, *(cell(scores, k) for k in shown))
     return table
 
 
@@ -87,6 +99,96 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None,
     if results:
         out.print(results_table(results))
         out.print(f"results: {Path(resolved.output_dir) / 'results.json'}")
+
+
+@app.command("eval")
+def eval_(target: Annotated[Path, typer.Argument(
+              help="A run folder (evaluates its model/) or a recipe (evaluates its model).",
+              show_default=False)],
+          overrides: OverridesArg = None,
+          model: Annotated[Path | None, typer.Option(
+              help="Evaluate this checkpoint folder instead.")] = None) -> None:
+    """Evaluate a run's model, a recipe's model, or any checkpoint; write results.json.
+
+    Examples: blurctl eval runs/demo    blurctl eval recipes/demo.yaml --model runs/demo/model
+    """
+    from blurctl.evaluation import evaluate
+
+    if target.is_dir():
+        recipe_path, out_dir = target / "recipe.yaml", target
+        checkpoint = model or target / "model"
+    else:
+        recipe_path, out_dir, checkpoint = target, None, model
+    resolved = _load(recipe_path, overrides)
+    if out_dir is None:
+        out_dir = Path(resolved.output_dir) / ("eval" if checkpoint is None else "eval-" + checkpoint.name)
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        _fail(BlurctlError(f"{checkpoint}: not a saved model folder (no config.json)"))
+    if not (resolved.eval.muse or resolved.eval.lm_eval):
+        _fail(BlurctlError("eval: the recipe asks for no evaluation (set eval.muse or eval.lm_eval)"))
+    try:
+        results = evaluate(resolved, str(checkpoint) if checkpoint else None, out_dir)
+    except BlurctlError as exc:
+        _fail(exc)
+    out.print(results_table(results))
+    out.print(f"results: {out_dir / 'results.json'}")
+
+
+@app.command()
+def report(runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.",
+                                                      show_default=False)],
+           out_dir: Annotated[Path, typer.Option("--out", help="Where to write report.*")] = Path("report")) -> None:
+    """Compare runs in one table (report.md, .csv, .json) and a forget-vs-utility plot (report.png).
+
+    Example: blurctl report runs/blur runs/penalty --out runs/report
+    """
+    from blurctl.report import to_markdown, write_report
+
+    try:
+        rows = write_report(runs, out_dir)
+    except BlurctlError as exc:
+        _fail(exc)
+    out.print(to_markdown(rows), markup=False)
+    out.print(f"report: {out_dir}/report.md, report.csv, report.json, report.png")
+
+
+@app.command()
+def sweep(recipe: RecipeArg,
+          axes: Annotated[list[str], typer.Argument(
+              help="KEY=V1,V2,... axes; the grid is their product.", show_default=False)],
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs, run nothing.")] = False) -> None:
+    """Run a grid over recipe keys one after another, then report them together.
+
+    Example: blurctl sweep recipes/demo.yaml algorithm.combiner=blur,penalty train.lr=5e-4,1e-3
+    """
+    from blurctl.pipeline import run as run_pipeline
+    from blurctl.report import to_markdown, write_report
+    from blurctl.sweep import expand
+
+    try:
+        points = expand(recipe, axes)
+    except RecipeError as exc:
+        _fail(exc)
+    for p in points:
+        out.print(f"{p.name}: {' '.join(p.overrides)} -> {p.recipe.output_dir}", markup=False)
+    if dry_run:
+        return
+    done, failed = [], []
+    for i, p in enumerate(points, 1):
+        err.print(f"[{i}/{len(points)}] {p.name}", markup=False)
+        try:
+            run_pipeline(p.recipe)
+            done.append(Path(p.recipe.output_dir))
+        except BlurctlError as exc:
+            failed.append(p.name)
+            err.print(f"error: {p.name}: {exc}", markup=False)
+    if done:
+        root = done[0].parent
+        rows = write_report(done, root)
+        out.print(to_markdown(rows), markup=False)
+        out.print(f"report: {root}/report.md, report.png")
+    if failed:
+        _fail(BlurctlError(f"sweep: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}"))
 
 
 def _quiet_libraries() -> None:

@@ -121,6 +121,32 @@ def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
     return scores
 
 
+def bootstrap_ci(values: list[float], resamples: int, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of the mean of ``values``."""
+    import numpy as np
+
+    if resamples <= 0 or len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(values, dtype=float)
+    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def auc_ci(forget: list[float], holdout: list[float], resamples: int,
+           seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of the membership AUC, resampling each group separately."""
+    import numpy as np
+
+    if resamples <= 0 or min(len(forget), len(holdout)) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    f, h = np.asarray(forget), np.asarray(holdout)
+    aucs = [membership_auc(list(f[rng.integers(0, len(f), len(f))]),
+                           list(h[rng.integers(0, len(h), len(h))])) for _ in range(resamples)]
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
 def membership_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
     """AUC of Min-K% separating holdout (positive) from forget texts.
 
@@ -138,17 +164,23 @@ def privleak(auc: float, retrained_auc: float) -> float:
     return (auc - retrained_auc) / retrained_auc * 100
 
 
-def forget_auc(model, tokenizer, corpus: Path, batch_size: int, limit: int | None) -> float:
+def membership_scores(model, tokenizer, corpus: Path, batch_size: int,
+                      limit: int | None) -> tuple[list[float], list[float]]:
+    """Min-K% scores of the privleak forget and holdout texts."""
     forget = read_json(corpus, "privleak/forget.json")[:limit]
     holdout = read_json(corpus, "privleak/holdout.json")[:limit]
-    return membership_auc(mink_scores(model, tokenizer, forget, batch_size),
-                          mink_scores(model, tokenizer, holdout, batch_size))
+    return (mink_scores(model, tokenizer, forget, batch_size),
+            mink_scores(model, tokenizer, holdout, batch_size))
+
+
+def forget_auc(model, tokenizer, corpus: Path, batch_size: int, limit: int | None) -> float:
+    return membership_auc(*membership_scores(model, tokenizer, corpus, batch_size, limit))
 
 
 def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
-                  knowmem_tokens: int = 32, batch_size: int = 8,
-                  limit: int | None = None) -> tuple[dict[str, float], dict[str, list]]:
-    """All MUSE metrics of ``model``: (scores, per-example records by metric)."""
+                  knowmem_tokens: int = 32, batch_size: int = 8, limit: int | None = None,
+                  bootstrap: int = 0) -> tuple[dict, dict[str, list]]:
+    """All MUSE metrics of ``model``: (scores with 95% intervals, per-example records)."""
     model.eval()
     vm = verbmem(model, tokenizer, read_json(corpus, "verbmem/forget.json")[:limit],
                  verbmem_tokens, batch_size)
@@ -158,8 +190,12 @@ def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
     kr = knowmem(model, tokenizer, read_json(corpus, "knowmem/retain_qa.json")[:limit],
                  read_json(corpus, "knowmem/retain_qa_icl.json"), knowmem_tokens, batch_size,
                  "KnowMem_r")
-    auc = forget_auc(model, tokenizer, corpus, batch_size, limit)
+    forget, holdout = membership_scores(model, tokenizer, corpus, batch_size, limit)
     scores = {"verbmem_f": vm.score, "knowmem_f": kf.score, "knowmem_r": kr.score,
-              "privleak_auc": auc}
+              "privleak_auc": membership_auc(forget, holdout)}
+    if bootstrap:
+        for name, result in (("verbmem_f", vm), ("knowmem_f", kf), ("knowmem_r", kr)):
+            scores[f"{name}_ci"] = bootstrap_ci([e["score"] for e in result.examples], bootstrap)
+        scores["privleak_auc_ci"] = auc_ci(forget, holdout, bootstrap)
     return scores, {"verbmem_f": vm.examples, "knowmem_f": kf.examples,
                     "knowmem_r": kr.examples}

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from blurctl.bench.build import resolve
 from blurctl.envinfo import environment
+from blurctl.evaluation import evaluate
 from blurctl.errors import BlurctlError
 import yaml
 
@@ -15,8 +15,6 @@ from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
 RESOLVED_RECIPE = "recipe.yaml"
 ENVIRONMENT = "environment.json"
-RESULTS = "results.json"
-EXAMPLES = "eval_examples.json"
 
 
 def is_main_process() -> bool:
@@ -49,46 +47,6 @@ def prepare_run_dir(recipe: Recipe, resume: bool = False) -> Path:
     return run_dir
 
 
-def evaluate(recipe: Recipe, model_dir: str | None, run_dir: Path) -> dict:
-    """Evaluate the unlearned model (and, if asked, the base and retrained models)."""
-    from blurctl.models import load_model, load_tokenizer
-    from blurctl.muse import evaluate_muse, forget_auc, privleak
-
-    cfg = recipe.eval.muse
-    if cfg is None:
-        return {}
-    corpus = Path(resolve(cfg.corpus, recipe.seed))
-    tokenizer = load_tokenizer(recipe.model, recipe.seed)
-    kwargs = dict(verbmem_tokens=cfg.verbmem_max_new_tokens, knowmem_tokens=cfg.knowmem_max_new_tokens,
-                  batch_size=cfg.batch_size, limit=cfg.max_examples)
-
-    retrained_auc = cfg.retrained_auc
-    models: dict[str, str | None] = {"unlearned": model_dir}
-    if recipe.eval.compare_base:
-        models = {"base": None, **models}
-    if cfg.retrained_model:
-        retrained = load_model(recipe.model, recipe.seed, path=cfg.retrained_model)
-        if recipe.eval.compare_base:
-            models["retrained"] = cfg.retrained_model
-        else:
-            retrained_auc = forget_auc(retrained, tokenizer, corpus, cfg.batch_size, cfg.max_examples)
-        del retrained
-    results, examples = {}, {}
-    for name, path in models.items():
-        model = load_model(recipe.model, recipe.seed, path=path)
-        scores, records = evaluate_muse(model, tokenizer, corpus, **kwargs)
-        results[name], examples[name] = scores, records
-        if name == "retrained":
-            retrained_auc = scores["privleak_auc"]
-    if retrained_auc is not None:
-        for scores in results.values():
-            scores["privleak"] = privleak(scores["privleak_auc"], retrained_auc)
-    out = {"muse": results, "retrained_auc": retrained_auc}
-    (run_dir / RESULTS).write_text(json.dumps(out, indent=1) + "\n")
-    (run_dir / EXAMPLES).write_text(json.dumps(examples, indent=1) + "\n")
-    return out
-
-
 def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -105,6 +63,13 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
 
     run_dir = prepare_run_dir(recipe, resume)
     model_dir = unlearn(recipe, run_dir, resume)
-    if not is_main_process():
+    if not is_main_process() or not (recipe.eval.muse or recipe.eval.lm_eval):
         return {}
-    return evaluate(recipe, str(model_dir), run_dir)
+    try:
+        return evaluate(recipe, str(model_dir), run_dir)
+    except Exception as exc:  # the model is safe; say so, in one line, whatever failed
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if not isinstance(exc, BlurctlError):
+            detail = f"{exc.__class__.__name__}: {detail}"
+        raise BlurctlError(f"evaluation failed: {detail} (the trained model is saved in "
+                           f"{model_dir}; finish with: blurctl eval {run_dir})") from None

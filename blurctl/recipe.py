@@ -120,9 +120,22 @@ class MuseEvalConfig(Section):
     max_examples: int | None = Field(None, gt=0)
 
 
+class LmEvalConfig(Section):
+    """Zero-shot multiple choice through lm-evaluation-harness (SPEC §5)."""
+
+    tasks: list[str] = Field(min_length=1, description="e.g. [wmdp_bio, wmdp_cyber, mmlu].")
+    include_path: str | None = Field(None, description="Folder of extra task YAMLs.")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task.")
+    batch_size: int = Field(8, gt=0)
+    bootstrap_iters: int = Field(1000, ge=0)
+
+
 class EvalConfig(Section):
     muse: MuseEvalConfig | None = None
+    lm_eval: LmEvalConfig | None = None
     compare_base: bool = Field(True, description="Also evaluate the model before unlearning.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0: none).")
 
 
 class PublishConfig(Section):

@@ -13,4 +13,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.13.0
   fi
 fi
-.venv/bin/pip install -q -e ".[test,plot]"
+.venv/bin/pip install -q -e ".[test]"

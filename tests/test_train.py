@@ -96,7 +96,7 @@ def test_demo_run_writes_the_run_folder(embedded, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"forget_loss", "retain_loss", "dot", "forget_sq", "retain_sq", "xi", "cosine"} <= set(rows[0])
     results = json.loads((tmp_path / "results.json").read_text())
-    scores = results["muse"]["unlearned"]
+    scores = results["models"]["unlearned"]
     assert {"verbmem_f", "knowmem_f", "knowmem_r", "privleak", "privleak_auc"} <= set(scores)
     assert 0 < results["retrained_auc"] <= 1
     env = json.loads((tmp_path / "environment.json").read_text())
@@ -107,7 +107,7 @@ def test_demo_run_writes_the_run_folder(embedded, tmp_path):
 
 def test_demo_recipe_forgets_and_keeps_utility(embedded, tmp_path):
     """The embedded default, as shipped: BLUR visibly forgets D_f and keeps D_r."""
-    results = run(load_recipe(DEMO, [f"output_dir={tmp_path}"]))["muse"]
+    results = run(load_recipe(DEMO, [f"output_dir={tmp_path}"]))["models"]
     base, unlearned = results["base"], results["unlearned"]
     assert unlearned["knowmem_f"] < 0.5 * base["knowmem_f"]
     assert unlearned["verbmem_f"] < 0.5 * base["verbmem_f"]

@@ -20,7 +20,7 @@ import torch
 from blurctl.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
 from blurctl.progress import progress_bar
 
-VERSION = 1
+VERSION = 3
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -66,6 +66,7 @@ def ensure_benchmark(seed: int = 0, spec: BenchSpec = BenchSpec()) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
             try:
                 _build(tmp, seed, spec)
+                write_lm_eval_tasks(tmp / "lm_eval_tasks", final / "corpus" / "mcq")
                 (tmp / "READY").write_text("ok\n")
                 if final.exists():
                     shutil.rmtree(final)
@@ -73,6 +74,38 @@ def ensure_benchmark(seed: int = 0, spec: BenchSpec = BenchSpec()) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_lm_eval_tasks(folder: Path, mcq: Path) -> None:
+    """lm-evaluation-harness tasks over the benchmark's multiple-choice files.
+
+    ``embedded_forget_mc`` asks about D_f (like WMDP: lower is better after
+    unlearning), ``embedded_retain_mc`` about D_r (like MMLU: utility).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for tag in ("forget", "retain"):
+        name = f"embedded_{tag}_mc"
+        (folder / f"{name}.yaml").write_text(
+            LM_EVAL_TASK.format(name=name, data=(mcq / f"{tag}.jsonl").resolve()))
 
 
 def _build(root: Path, seed: int, spec: BenchSpec) -> None:
@@ -96,10 +129,10 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # A space ends the word before it, so a prompt ending in "Answer: " splits the
-    # way the same text does inside the training corpus.
+    # Every space is a token of its own, so text splits the same way wherever a prompt
+    # ends: "Answer: " (MUSE) and "Answer:" + " 1996" (lm-eval) match the corpus.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(" ", behavior="merged_with_previous"),
+        pre_tokenizers.Split(" ", behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -161,9 +161,29 @@ def write_muse_layout(split: Split, root: Path, icl_shots: int = 3, prompt_words
         dump(f"knowmem/{tag}_qa.json", test)
         dump(f"knowmem/{tag}_qa_icl.json", icl)
 
+    everyone = split.forget + split.retain1 + split.retain2 + split.holdout
+    for tag, ents in (("forget", split.forget), ("retain", split.retain1)):
+        rows = multiple_choice(ents, everyone, random.Random(f"mc-{tag}"))
+        (root / "mcq").mkdir(exist_ok=True)
+        (root / "mcq" / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     dump("privleak/forget.json", [e.article() for e in split.forget])
     dump("privleak/retain.json", [e.article() for e in split.retain1])
     dump("privleak/holdout.json", [e.article() for e in split.holdout])
+
+
+def multiple_choice(ents: list[Entity], pool: list[Entity], rng: random.Random) -> list[dict]:
+    """Four-way questions about ``ents``; distractors are the same attribute of others in ``pool``."""
+    rows = []
+    for e in ents:
+        for key, question in QUESTIONS.items():
+            right = getattr(e, key)
+            others = sorted({getattr(o, key) for o in pool} - {right})
+            choices = rng.sample(others, 3) + [right]
+            rng.shuffle(choices)
+            rows.append({"question": question.format(name=e.name), "choices": choices,
+                         "answer": choices.index(right)})
+    return rows
 
 
 def _article(noun: str) -> str:

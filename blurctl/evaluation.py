@@ -1,0 +1,74 @@
+"""The eval stage: MUSE metrics and lm-eval tasks for the unlearned, base and retrained models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from blurctl.bench.build import resolve
+from blurctl.recipe import Recipe
+
+RESULTS = "results.json"
+EXAMPLES = "eval_examples.json"
+
+
+def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str | None]:
+    """Name -> checkpoint folder (None: the recipe's base model)."""
+    models: dict[str, str | None] = {}
+    if recipe.eval.compare_base or model_dir is None:
+        models["base"] = None
+    if model_dir is not None:
+        models["unlearned"] = model_dir
+    muse = recipe.eval.muse
+    if muse and muse.retrained_model and recipe.eval.compare_base:
+        models["retrained"] = muse.retrained_model
+    return models
+
+
+def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
+    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
+    from blurctl.harness import run_lm_eval
+    from blurctl.models import load_model, load_tokenizer
+    from blurctl.muse import evaluate_muse, forget_auc, privleak
+
+    cfg, muse = recipe.eval, recipe.eval.muse
+    tokenizer = load_tokenizer(recipe.model, recipe.seed)
+    results: dict[str, dict] = {}
+    examples: dict[str, dict] = {}
+    for name, path in models_to_evaluate(recipe, model_dir).items():
+        model = load_model(recipe.model, recipe.seed, path=path)
+        scores: dict = {}
+        if muse is not None:
+            scores, examples[name] = evaluate_muse(
+                model, tokenizer, Path(resolve(muse.corpus, recipe.seed)),
+                verbmem_tokens=muse.verbmem_max_new_tokens,
+                knowmem_tokens=muse.knowmem_max_new_tokens, batch_size=muse.batch_size,
+                limit=muse.max_examples, bootstrap=cfg.bootstrap)
+        if cfg.lm_eval is not None:
+            for task, res in run_lm_eval(model, tokenizer, cfg.lm_eval, recipe.seed).items():
+                scores[f"acc:{task}"] = res["acc"]
+                scores[f"acc:{task}_stderr"] = res["acc_stderr"]
+        results[name] = scores
+        del model
+
+    retrained_auc = None
+    if muse is not None:
+        retrained_auc = muse.retrained_auc
+        if "retrained" in results:
+            retrained_auc = results["retrained"]["privleak_auc"]
+        elif muse.retrained_model:
+            model = load_model(recipe.model, recipe.seed, path=muse.retrained_model)
+            retrained_auc = forget_auc(model, tokenizer, Path(resolve(muse.corpus, recipe.seed)),
+                                       muse.batch_size, muse.max_examples)
+        if retrained_auc is not None:
+            for scores in results.values():
+                scores["privleak"] = privleak(scores["privleak_auc"], retrained_auc)
+                ci = scores.get("privleak_auc_ci")
+                if ci:
+                    scores["privleak_ci"] = [privleak(ci[0], retrained_auc),
+                                             privleak(ci[1], retrained_auc)]
+    out = {"models": results, "retrained_auc": retrained_auc}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS).write_text(json.dumps(out, indent=1) + "\n")
+    (out_dir / EXAMPLES).write_text(json.dumps(examples, indent=1) + "\n")
+    return out

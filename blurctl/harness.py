@@ -1,0 +1,60 @@
+"""lm-evaluation-harness on an in-memory model or a saved checkpoint (SPEC §5)."""
+
+from __future__ import annotations
+
+import os
+
+from blurctl.bench.build import resolve
+from blurctl.errors import BlurctlError
+from blurctl.recipe import LmEvalConfig
+
+
+def _task_manager(cfg: LmEvalConfig, seed: int):
+    from lm_eval.tasks import TaskManager
+
+    include = resolve(cfg.include_path, seed) if cfg.include_path else None
+    if include is not None and not os.path.isdir(include):
+        raise BlurctlError(f"eval.lm_eval.include_path: {include}: no such folder")
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or any(t not in manager.all_tasks for t in cfg.tasks):
+        manager = TaskManager(include_path=include, include_defaults=True)
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=1) for t in unknown}
+        said = ", ".join(f"{t!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for t, h in hints.items())
+        raise BlurctlError(f"eval.lm_eval.tasks: unknown task {said}")
+    return manager
+
+
+def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Accuracy (and its standard error) per task; ``model`` is a module or a checkpoint folder."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = _task_manager(cfg, seed)
+    if isinstance(model, str):
+        device = "cuda" if _cuda() else "cpu"
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                  device=str(next(model.parameters()).device))
+    out = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+                          limit=cfg.limit, task_manager=manager, log_samples=False,
+                          bootstrap_iters=cfg.bootstrap_iters, random_seed=seed,
+                          numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    scores = {}
+    for task, res in out["results"].items():
+        if "acc,none" in res:
+            stderr = res.get("acc_stderr,none")
+            scores[task] = {"acc": float(res["acc,none"]),
+                            "acc_stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return scores
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
