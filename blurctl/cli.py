@@ -191,6 +191,42 @@ def sweep(recipe: RecipeArg,
         _fail(BlurctlError(f"sweep: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}"))
 
 
+@app.command()
+def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folder.", show_default=False)],
+            repo_id: Annotated[str | None, typer.Option(
+                "--repo-id", help="ORG/NAME on the Hub (default: the recipe's publish.repo_id).")] = None,
+            private: Annotated[bool | None, typer.Option(
+                "--private/--public", help="Repository visibility (default: publish.private).")] = None,
+            dry_run: Annotated[bool, typer.Option(
+                "--dry-run", help="Stage the files in RUN_DIR/publish, upload nothing.")] = False) -> None:
+    """Upload an evaluated run's model with a model card (eval results as model-index).
+
+    The token comes from HF_TOKEN or the Hugging Face credential store.
+    Example: blurctl publish runs/demo --repo-id my-org/demo-blur --dry-run
+    """
+    from blurctl.publish import stage, upload
+
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        _fail(BlurctlError(f"{run_dir}: not a run folder (no recipe.yaml)"))
+    resolved = _load(recipe_path, [])
+    repo = repo_id or resolved.publish.repo_id
+    if not repo or repo.count("/") != 1:
+        _fail(BlurctlError("publish: give --repo-id ORG/NAME (or set publish.repo_id)"))
+    try:
+        staged = stage(run_dir, repo, resolved.publish.tags)
+        files = sorted(p for p in staged.iterdir() if p.is_file())
+        for f in files:
+            out.print(f"  {f.name}  ({f.stat().st_size:,} bytes)", markup=False)
+        if dry_run:
+            out.print(f"dry run: {len(files)} files staged in {staged} for {repo}; nothing uploaded")
+            return
+        url = upload(staged, repo, resolved.publish.private if private is None else private)
+    except BlurctlError as exc:
+        _fail(exc)
+    out.print(f"published: {url}")
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars and messages replace the libraries' per-file chatter."""
     import os

@@ -1,0 +1,155 @@
+"""Publish an evaluated run to the Hugging Face Hub with a model card.
+
+The card's metadata carries the evaluation results as ``model-index`` (built with
+huggingface_hub's ModelCardData/EvalResult). The token comes from ``HF_TOKEN`` or
+the Hugging Face credential store, through huggingface_hub; blurctl never reads,
+prints or writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from blurctl.errors import BlurctlError
+from blurctl.evaluation import RESULTS
+
+STAGE_DIRNAME = "publish"
+RUN_FILES = ("recipe.yaml", "results.json", "environment.json", "train_log.jsonl")
+METRICS = {"verbmem_f": ("VerbMem_f", "rougeL"), "knowmem_f": ("KnowMem_f", "rougeL"),
+           "knowmem_r": ("KnowMem_r", "rougeL"), "privleak": ("PrivLeak", "privleak")}
+
+
+def _eval_results(results: dict, corpus_name: str):
+    from huggingface_hub import EvalResult
+
+    scores = results.get("models", {}).get("unlearned", {})
+    out = []
+    for key, (name, metric_type) in METRICS.items():
+        if isinstance(scores.get(key), (int, float)):
+            out.append(EvalResult(task_type="text-generation", task_name="MUSE unlearning",
+                                  dataset_type=corpus_name, dataset_name=corpus_name,
+                                  metric_type=metric_type, metric_name=name,
+                                  metric_value=round(float(scores[key]), 4)))
+    for key, value in scores.items():
+        if key.startswith("acc:") and not key.endswith("_stderr") and isinstance(value, (int, float)):
+            task = key.removeprefix("acc:")
+            out.append(EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
+                                  metric_type="accuracy", metric_name=f"{task} accuracy",
+                                  metric_value=round(float(value), 4)))
+    return out
+
+
+def _results_table(results: dict) -> str:
+    models = results.get("models", {})
+    keys = [k for k in METRICS if any(k in s for s in models.values())]
+    keys += sorted({k for s in models.values() for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+    lines = ["| model | " + " | ".join(METRICS.get(k, (k,))[0] for k in keys) + " |",
+             "| --- |" + " ---: |" * len(keys)]
+    for name, scores in models.items():
+        cells = [f"{scores[k]:.2f}" if isinstance(scores.get(k), (int, float)) else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_card(run_dir: Path, repo_id: str, tags: list[str]):
+    """The model card of a run: metadata with model-index, then a readable summary."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    results = json.loads((run_dir / RESULTS).read_text())
+    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").exists() else {}
+    base = recipe["model"]["path"]
+    data = recipe["data"]
+    datasets = [c["path"] for c in (data["forget"], data.get("retain")) if c and "/" in c["path"]
+                and not c["path"].startswith(("/", ".", "embedded:"))]
+    muse = (recipe.get("eval") or {}).get("muse") or {}
+    alg = recipe["algorithm"]
+    card_data = ModelCardData(
+        base_model=None if base.startswith("embedded:") else base,
+        datasets=datasets or None, library_name="transformers", model_name=repo_id.split("/")[-1],
+        tags=sorted({"unlearning", "blur", "blurctl", alg["combiner"], *tags}),
+        eval_results=_eval_results(results, muse.get("corpus", "unlearning-eval")) or None)
+    versions = "\n".join(f"- {k}: {v}" for k, v in (env.get("packages") or {}).items() if v)
+    text = f"""---
+{card_data.to_yaml()}
+---
+
+# {repo_id.split("/")[-1]}
+
+`{base}` after unlearning with **{alg["combiner"]}** (forget loss `{alg["forget_loss"]}`,
+retain loss `{alg.get("retain_loss")}`), made with blurctl.
+
+## Evaluation
+
+{_results_table(results)}
+
+VerbMem_f, KnowMem_f: lower means less of the forget set remains. KnowMem_r: utility,
+higher is better. PrivLeak: near 0 is ideal.
+
+## Recipe
+
+Reproduce with `blurctl run recipe.yaml` (included in this repository):
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).strip()}
+```
+
+## Framework versions
+
+{versions}
+"""
+    return ModelCard(text)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link when possible (no copy of large weights), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def stage(run_dir: Path, repo_id: str, tags: list[str]) -> Path:
+    """Lay out exactly what will be uploaded in ``RUN_DIR/publish``; return that folder."""
+    if not (run_dir / RESULTS).is_file():
+        raise BlurctlError(f"{run_dir}: no {RESULTS}; a run is published only with its evaluation "
+                           f"(run: blurctl eval {run_dir})")
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise BlurctlError(f"{run_dir}: no saved model in {model_dir}")
+    stage_dir = run_dir / STAGE_DIRNAME
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            _place(f, stage_dir / f.name)
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, stage_dir / name)
+    model_card(run_dir, repo_id, tags).save(stage_dir / "README.md")
+    return stage_dir
+
+
+def upload(stage_dir: Path, repo_id: str, private: bool) -> str:
+    """Create the repository if needed and upload the staged folder in one commit."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=stage_dir, repo_type="model",
+                          commit_message="Upload unlearned model (blurctl)")
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        hint = " (set HF_TOKEN or run `hf auth login`)" if status in (401, 403) else ""
+        raise BlurctlError(f"publish: the Hub refused the upload to {repo_id} "
+                           f"(HTTP {status}){hint}") from None
+    except OSError as exc:
+        raise BlurctlError(f"publish: cannot reach the Hub ({exc.__class__.__name__})") from None
+    return str(url)
