@@ -81,17 +81,39 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     err.print(f"{recipe}: ok")
 
 
+def _split_launcher_args(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """Overrides, and the launcher arguments the user put after ``--``."""
+    overrides = list(overrides or [])
+    if "--" in sys.argv:
+        extra = sys.argv[sys.argv.index("--") + 1:]
+        if extra and overrides[-len(extra):] == extra:
+            return overrides[: -len(extra)], extra
+    return overrides, []
+
+
 @app.command()
 def run(recipe: RecipeArg, overrides: OverridesArg = None,
         resume: Annotated[bool, typer.Option(
             "--resume", help="Continue from the newest checkpoint in output_dir.")] = False) -> None:
     """Unlearn, evaluate and save: the whole job a recipe describes.
 
-    Example: blurctl run recipes/demo.yaml algorithm.combiner=penalty output_dir=runs/penalty
+    With hardware.num_processes > 1 it starts itself under the launcher (accelerate
+    launch on GPUs, torchrun on CPU); launcher arguments go after --.
+
+    Examples: blurctl run recipes/demo.yaml algorithm.combiner=penalty output_dir=runs/penalty
+              blurctl run recipes/muse_news.yaml -- --main_process_port 29501
     """
+    import subprocess
+
+    from blurctl.launch import launch_command, needs_launch
     from blurctl.pipeline import run as run_pipeline
 
+    overrides, launcher_args = _split_launcher_args(overrides)
     resolved = _load(recipe, overrides)
+    if needs_launch(resolved):
+        cmd = launch_command(resolved, recipe, overrides, resume, launcher_args, sys.executable)
+        err.print("launching: " + " ".join(cmd), markup=False)
+        raise typer.Exit(subprocess.call(cmd))
     try:
         results = run_pipeline(resolved, resume=resume)
     except BlurctlError as exc:
@@ -189,6 +211,40 @@ def sweep(recipe: RecipeArg,
         out.print(f"report: {root}/report.md, report.png")
     if failed:
         _fail(BlurctlError(f"sweep: {len(failed)} of {len(points)} runs failed: {', '.join(failed)}"))
+
+
+@app.command()
+def launch(recipe: RecipeArg, overrides: OverridesArg = None,
+           slurm: Annotated[bool, typer.Option("--slurm", help="Write an sbatch script.")] = False,
+           output: Annotated[Path | None, typer.Option(
+               "--output", "-o", help="Script path (default: OUTPUT_DIR/launch.sbatch).")] = None,
+           partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+           account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
+           time: Annotated[str, typer.Option(help="Slurm time limit.")] = "24:00:00",
+           resume: Annotated[bool, typer.Option("--resume", help="Launch with --resume.")] = False) -> None:
+    """Print the launcher command for this recipe, or write a Slurm script (--slurm).
+
+    Nodes and GPUs per node come from hardware.num_machines and hardware.num_processes;
+    with container.image each task runs inside the container (apptainer exec --nv).
+    Example: blurctl launch recipes/muse_news.yaml hardware.num_machines=2 --slurm
+    """
+    import shlex
+
+    from blurctl.launch import SlurmOptions, launch_command, slurm_script
+
+    overrides, launcher_args = _split_launcher_args(overrides)
+    resolved = _load(recipe, overrides)
+    if not slurm:
+        out.print(" ".join(shlex.quote(a) for a in launch_command(
+            resolved, recipe, overrides, resume, launcher_args)), markup=False)
+        return
+    script = slurm_script(resolved, recipe, overrides,
+                          SlurmOptions(partition=partition, account=account, time=time),
+                          resume, launcher_args)
+    path = output or Path(resolved.output_dir) / "launch.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    out.print(f"wrote {path}; submit with: sbatch {path}")
 
 
 @app.command()

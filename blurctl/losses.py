@@ -24,6 +24,7 @@ class LossContext:
     alg: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     steering: SteeringConfig | None = None
     control: torch.Tensor | None = None  # RMU: the fixed random unit vector u
+    coeff: float = 0.0  # RMU: the steering coefficient c for this forget corpus
 
 
 LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", Batch, LossContext], torch.Tensor]
@@ -117,7 +118,7 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
 def rmu_forget(model, ref, batch, ctx) -> torch.Tensor:
     """RMU: push layer-l activations on forget tokens towards c*u (mean squared error)."""
     h = hidden_at(model, batch, ctx.steering.layer)
-    target = (ctx.steering.coeff * ctx.control).to(h.device)
+    target = (ctx.coeff * ctx.control).to(h.device)
     return _masked_mse(h, target.expand_as(h), batch)
 
 

@@ -65,8 +65,9 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
     env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").exists() else {}
     base = recipe["model"]["path"]
     data = recipe["data"]
-    datasets = [c["path"] for c in (data["forget"], data.get("retain")) if c and "/" in c["path"]
-                and not c["path"].startswith(("/", ".", "embedded:"))]
+    corpora = data["forget"] + (data.get("retain") or [])
+    datasets = sorted({c["path"] for c in corpora if c["path"].count("/") == 1
+                       and not c["path"].startswith(("/", ".", "embedded:"))})
     muse = (recipe.get("eval") or {}).get("muse") or {}
     alg = recipe["algorithm"]
     card_data = ModelCardData(

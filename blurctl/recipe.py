@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Field(gt=0)
 
@@ -47,10 +47,22 @@ class CorpusConfig(Section):
         return {"path": value} if isinstance(value, str) else value
 
 
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) or value is None else [value]
+
+
 class DataConfig(Section):
-    forget: CorpusConfig
-    retain: CorpusConfig | None = None
+    """Forget and retain corpora. Several forget corpora take turns, one per step (WMDP's
+    bio and cyber); retain corpora pair with them one to one, or one serves all."""
+
+    forget: list[CorpusConfig] = Field(min_length=1)
+    retain: list[CorpusConfig] | None = Field(None, min_length=1)
     max_len: int = Field(2048, gt=0, description="Tokens per training chunk.")
+
+    @field_validator("forget", "retain", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return _as_list(value)
 
 
 ForgetLoss = Literal["ga", "npo", "simnpo", "rmu"]
@@ -66,7 +78,8 @@ class AlgorithmConfig(Section):
     retain_loss: RetainLoss | None = "gdr"
     combiner: Combiner = "blur"
     forget_weight: float = Field(1.0, ge=0, description="w_f; MUSE's gamma.")
-    retain_weight: float = Field(1.0, ge=0, description="w_r; WMDP's alpha.")
+    retain_weight: float | list[float] = Field(
+        1.0, description="w_r; WMDP's alpha (one per forget corpus, or one for all).")
     beta: float = Field(0.1, gt=0, description="Inverse temperature of NPO/SimNPO.")
     delta: float = Field(0.0, description="SimNPO margin.")
     eps: float = Field(1e-12, gt=0, description="Added to squared norms in projections.")
@@ -77,7 +90,8 @@ class SteeringConfig(Section):
     """RMU steering: layer, coefficient and the parameters that train."""
 
     layer: int = Field(7, ge=0, description="Decoder layer whose output is steered (0-based).")
-    coeff: float = Field(6.5, gt=0, description="Steering coefficient c.")
+    coeff: float | list[float] = Field(
+        6.5, description="Steering coefficient c (one per forget corpus, or one for all).")
     update_layers: list[int] = Field(default_factory=lambda: [5, 6, 7], min_length=1)
     param_suffix: str = Field("mlp.down_proj.weight",
                               description="Which parameter of each updated layer trains.")
@@ -105,6 +119,11 @@ class HardwareConfig(Section):
     num_machines: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class MuseEvalConfig(Section):
@@ -189,9 +208,30 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.hardware.strategy == "deepspeed" and alg.combiner in BILEVEL:
         problems.append(f"hardware.strategy: deepspeed shards gradients across ranks and is not "
                         f"supported with combiner {alg.combiner!r}; use fsdp")
-    if r.data.retain is not None and r.data.retain.path == r.data.forget.path:
-        problems.append("data.retain: same corpus as data.forget")
+    forget_paths = {c.path for c in r.data.forget}
+    for i, c in enumerate(r.data.retain or []):
+        if c.path in forget_paths:
+            problems.append(f"data.retain.{i}: same corpus as data.forget ({c.path})")
+    n = len(r.data.forget)
+    if r.data.retain and len(r.data.retain) not in (1, n):
+        problems.append(f"data.retain: {len(r.data.retain)} corpora for {n} forget corpora; "
+                        f"give 1 or {n}")
+    per_corpus = [("algorithm.retain_weight", alg.retain_weight)]
+    if r.steering is not None:
+        per_corpus.append(("steering.coeff", r.steering.coeff))
+    for path, value in per_corpus:
+        values = value if isinstance(value, list) else [value]
+        if len(values) not in (1, n):
+            problems.append(f"{path}: {len(values)} values for {n} forget corpora; give 1 or {n}")
+        if any(v < 0 for v in values) or (path == "steering.coeff" and any(v == 0 for v in values)):
+            problems.append(f"{path}: must be positive (got {value})")
     return problems
+
+
+def per_corpus(value: float | list[float], index: int) -> float:
+    """The value for forget corpus ``index`` of a scalar-or-list setting."""
+    return value[index] if isinstance(value, list) and len(value) > 1 else (
+        value[0] if isinstance(value, list) else value)
 
 
 class RecipeError(Exception):
@@ -202,14 +242,20 @@ class RecipeError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Pydantic models inside a type annotation (through unions and lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class found by following ``loc`` down from ``model``."""
     for key in loc:
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:
-            return None
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if isinstance(key, int):  # a list index: stay on the item model
+            continue
+        field = model.model_fields.get(key)
+        nested = _models_in(field.annotation) if field else []
         if not nested:
             return None
         model = nested[0]

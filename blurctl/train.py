@@ -27,7 +27,7 @@ from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_v
                             nll)
 from blurctl.models import frozen_copy, load_model, load_tokenizer
 from blurctl.progress import progress_bar
-from blurctl.recipe import Recipe
+from blurctl.recipe import Recipe, per_corpus
 
 MODEL_DIRNAME = "model"
 LOG_FILENAME = "train_log.jsonl"
@@ -143,23 +143,29 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     fsdp = recipe.hardware.strategy == "fsdp" and world > 1
 
     tokenizer = load_tokenizer(recipe.model, recipe.seed)
-    forget = chunk_texts(load_texts(recipe.data.forget, "data.forget", recipe.seed),
-                         tokenizer, recipe.data.max_len)
-    retain = (chunk_texts(load_texts(recipe.data.retain, "data.retain", recipe.seed),
-                          tokenizer, recipe.data.max_len)
-              if recipe.data.retain and alg.retain_loss else [])
+
+    def chunks(corpora, field: str) -> list[list[list[int]]]:
+        return [chunk_texts(load_texts(c, f"{field}.{i}" if len(corpora) > 1 else field,
+                                       recipe.seed), tokenizer, recipe.data.max_len)
+                for i, c in enumerate(corpora)]
+
+    forget_sets = chunks(recipe.data.forget, "data.forget")
+    retain_sets = chunks(recipe.data.retain, "data.retain") if recipe.data.retain and alg.retain_loss else []
+    n_corpora = len(forget_sets)
 
     model = load_model(recipe.model, recipe.seed)
     select_trainable(model, recipe)
     ref = frozen_copy(model) if needs_reference(alg) else None
     base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                   if alg.combiner == "task_vector" else None)
-    ctx = LossContext(alg, recipe.steering,
-                      control_vector(model.config.hidden_size, recipe.steering.seed)
-                      if recipe.steering else None)
+    contexts = [LossContext(alg, recipe.steering,
+                            control_vector(model.config.hidden_size, recipe.steering.seed + c)
+                            if recipe.steering else None,
+                            per_corpus(recipe.steering.coeff, c) if recipe.steering else 0.0)
+                for c in range(n_corpora)]
     model.train()
 
-    per_epoch = steps_per_epoch(len(forget), recipe, world)
+    per_epoch = steps_per_epoch(sum(len(f) for f in forget_sets), recipe, world)
     total = tr.max_steps or per_epoch * tr.epochs
     if fsdp:
         model.to(accelerator.device)
@@ -180,12 +186,15 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
         if start >= total:
             accelerator.print(f"resume: run already finished at step {start}")
 
-    forget_plan = BatchPlan(len(forget), tr.batch_size, world, rank, recipe.seed)
-    retain_plan = BatchPlan(max(len(retain), 1), tr.batch_size, world, rank, recipe.seed + 1)
+    forget_plans = [BatchPlan(len(f), tr.batch_size, world, rank, recipe.seed + 1000 * c)
+                    for c, f in enumerate(forget_sets)]
+    retain_plans = [BatchPlan(len(r), tr.batch_size, world, rank, recipe.seed + 1000 * c + 1)
+                    for c, r in enumerate(retain_sets)]
     forget_fn = _task_vector_loss if alg.combiner == "task_vector" else FORGET_LOSSES[alg.forget_loss]
     retain_fn = RETAIN_LOSSES[alg.retain_loss] if alg.retain_loss else None
     combiner = "penalty" if alg.combiner == "task_vector" else alg.combiner
-    weights = Weights(alg.forget_weight, alg.retain_weight, alg.eps)
+    weights = [Weights(alg.forget_weight, per_corpus(alg.retain_weight, c), alg.eps)
+               for c in range(n_corpora)]
     pad = tokenizer.pad_token_id
 
     def micro_batches(plan: BatchPlan, chunks: list[list[int]], step: int) -> list[dict]:
@@ -200,7 +209,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
             b["target_tokens"], b["input_tokens"] = norm[0].float(), norm[1].float()
         return [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
 
-    def accumulate(loss_fn, batches: list[dict]) -> torch.Tensor:
+    def accumulate(loss_fn, batches: list[dict], ctx: LossContext) -> torch.Tensor:
         total_loss = torch.zeros((), device=accelerator.device)
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1
@@ -221,21 +230,25 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     try:
         with progress_bar(desc, total, start) as advance:
             for step in range(start, total):
-                f_loss = accumulate(forget_fn, micro_batches(forget_plan, forget, step))
+                corpus, turn = step % n_corpora, step // n_corpora  # corpora take turns
+                r_corpus = corpus if len(retain_sets) > 1 else 0
+                f_loss = accumulate(forget_fn, micro_batches(
+                    forget_plans[corpus], forget_sets[corpus], turn), contexts[corpus])
                 g_f = _take_grads(params)
                 if retain_fn is not None:
-                    r_loss = accumulate(retain_fn, micro_batches(retain_plan, retain, step))
+                    r_loss = accumulate(retain_fn, micro_batches(
+                        retain_plans[r_corpus], retain_sets[r_corpus], turn), contexts[corpus])
                     g_r = _take_grads(params)
                 else:
                     r_loss = torch.zeros((), device=f_loss.device)
                     g_r = [torch.zeros_like(g) for g in g_f]
                 stats = combine_([_local(g) for g in g_f], [_local(g) for g in g_r],
-                                 combiner, weights, all_reduce)
+                                 combiner, weights[corpus], all_reduce)
                 for p, d in zip(params, g_r):
                     p.grad = d
                 del g_f
                 losses = accelerator.reduce(torch.stack([f_loss, r_loss]), reduction="mean").tolist()
-                row = {"step": step + 1, "epoch": step // per_epoch + 1,
+                row = {"step": step + 1, "epoch": step // per_epoch + 1, "corpus": corpus,
                        "lr": scheduler.get_last_lr()[0],
                        "forget_loss": losses[0], "retain_loss": losses[1], **stats.as_floats()}
                 bad = [k for k, v in row.items() if not math.isfinite(v)]

@@ -37,7 +37,7 @@ def test_valid_triples_run_and_log(embedded, tmp_path, forget, retain, combiner)
     (["algorithm.forget_loss=rmu"], "steering: required by the rmu loss"),
     (["algorithm.combiner=task_vector"], "task_vector fine-tunes on D_f"),
     (["hardware.strategy=deepspeed"], "deepspeed shards gradients"),
-    (["data.retain=embedded:corpus/raw/forget.txt"], "data.retain: same corpus as data.forget"),
+    (["data.retain=embedded:corpus/raw/forget.txt"], "data.retain.0: same corpus as data.forget"),
 ])
 def test_invalid_combinations_fail_validation(overrides, message):
     with pytest.raises(RecipeError, match=message):

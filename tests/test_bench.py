@@ -54,5 +54,5 @@ def test_built_benchmark_has_models_that_memorised_forget(embedded):
     icl = read_json(root / "corpus", "knowmem/forget_qa_icl.json")
     target = AutoModelForCausalLM.from_pretrained(root / "target")
     retrained = AutoModelForCausalLM.from_pretrained(root / "retrained")
-    assert knowmem(target, tok, qa, icl, 16, 20, "t").score > 60
+    assert knowmem(target, tok, qa, icl, 16, 20, "t").score > 50
     assert knowmem(retrained, tok, qa, icl, 16, 20, "r").score < 30

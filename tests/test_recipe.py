@@ -30,7 +30,7 @@ def test_demo_recipe_validates_with_defaults_filled():
     recipe = load_recipe(DEMO)
     assert recipe.algorithm.combiner == "blur"
     assert recipe.train.optimizer == "adamw"
-    assert recipe.data.forget.text_field == "text"
+    assert recipe.data.forget[0].text_field == "text"
 
 
 def test_misspelled_key_is_named_with_suggestion(tmp_path):

@@ -37,8 +37,8 @@ def test_one_step_matches_independent_computation(embedded, tmp_path, combiner):
     row = json.loads((tmp_path / LOG_FILENAME).read_text().splitlines()[0])
 
     tok = load_tokenizer(recipe.model)
-    forget = chunk_texts(load_texts(recipe.data.forget, "f"), tok, recipe.data.max_len)
-    retain = chunk_texts(load_texts(recipe.data.retain, "r"), tok, recipe.data.max_len)
+    forget = chunk_texts(load_texts(recipe.data.forget[0], "f"), tok, recipe.data.max_len)
+    retain = chunk_texts(load_texts(recipe.data.retain[0], "r"), tok, recipe.data.max_len)
     model = AutoModelForCausalLM.from_pretrained(embedded / "target")
     model.train()
     ref = frozen_copy(model)

@@ -20,7 +20,7 @@ import torch
 from blurctl.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
 from blurctl.progress import progress_bar
 
-VERSION = 3
+VERSION = 4
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -33,7 +33,7 @@ class BenchSpec:
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
-    epochs: int = 45
+    epochs: int = 80
     batch_size: int = 16
     lr: float = 3e-3
 

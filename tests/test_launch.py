@@ -1,0 +1,190 @@
+"""Launch commands, Slurm scripts, containers, and the shipped paper recipes."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from typer.testing import CliRunner
+
+from blurctl.cli import app
+from blurctl.launch import SlurmOptions, launch_command, slurm_script
+from blurctl.recipe import load_recipe
+
+from helpers import DEMO, ROOT
+
+runner = CliRunner()
+RECIPES = ["muse_news", "muse_books", "wmdp", "demo"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_validate_and_start_with_their_command(name):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    load_recipe(path)
+    head = path.read_text().splitlines()[:3]
+    assert any(line.strip() == f"#   blurctl run recipes/{name}.yaml" for line in head)
+
+
+def test_paper_hyperparameters():
+    news = load_recipe(ROOT / "recipes" / "muse_news.yaml")
+    assert (news.model.path, news.model.tokenizer) == ("muse-bench/MUSE-News_target", "meta-llama/Llama-2-7b-hf")
+    assert (news.data.max_len, news.train.epochs, news.train.lr, news.train.batch_size) == (2048, 10, 2.5e-5, 4)
+    assert (news.hardware.num_processes, news.algorithm.combiner, news.algorithm.forget_weight) == (8, "blur", 1.0)
+    assert (news.algorithm.forget_loss, news.algorithm.retain_loss) == ("npo", "gdr")
+    wmdp = load_recipe(ROOT / "recipes" / "wmdp.yaml")
+    assert wmdp.model.path == "HuggingFaceH4/zephyr-7b-beta"
+    assert [c.path for c in wmdp.data.forget] == ["data/wmdp/bio_remove_dataset.jsonl", "cais/wmdp-corpora"]
+    assert (wmdp.steering.layer, wmdp.steering.update_layers, wmdp.steering.coeff) == (7, [5, 6, 7], [6.5, 6.5])
+    assert (wmdp.algorithm.retain_weight, wmdp.train.lr, wmdp.train.max_steps, wmdp.seed) == ([800, 800], 5e-5, 150, 0)
+
+
+def test_cpu_launch_uses_torchrun_and_gpu_uses_accelerate():
+    cpu = load_recipe(DEMO, ["hardware.num_processes=2"])
+    cmd = launch_command(cpu, DEMO, ["hardware.num_processes=2"], launcher_args=["--master_port", "29511"])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert cmd[cmd.index("--master_port") + 1] == "29511"
+    assert cmd[-4:] == ["blurctl", "run", str(DEMO), "hardware.num_processes=2"]
+    gpu = load_recipe(ROOT / "recipes" / "muse_news.yaml")
+    cmd = launch_command(gpu, Path("recipes/muse_news.yaml"), [], resume=True)
+    assert cmd[:3] == ["accelerate", "launch", "--multi_gpu"]
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert cmd[-1] == "--resume"
+
+
+def test_slurm_script_expands_node_rank_per_task(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "muse_news.yaml",
+                         ["hardware.num_machines=2", "container.image=/images/blurctl.sif",
+                          "container.binds=[/scratch/hf:/data/hf]", f"output_dir={tmp_path}"])
+    script = slurm_script(recipe, Path("recipes/muse_news.yaml"), ["hardware.num_machines=2"],
+                          SlurmOptions(partition="gpu"))
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    argv = shlex.split(srun)
+    assert argv[:7] == ["srun", "--kill-on-bad-exit=1", "apptainer", "exec", "--nv", "--bind", "/scratch/hf:/data/hf"]
+    inner = argv[argv.index("-c") + 1]
+    assert "--machine_rank $SLURM_NODEID" in inner and "--num_processes 16" in inner
+    assert "'" in srun.split("bash -c", 1)[1]  # single-quoted: each task expands its own node id
+    assert inner.endswith("python -m blurctl run recipes/muse_news.yaml hardware.num_machines=2")
+    # bash accepts it, and per task the rank comes from that task's environment
+    check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+    echoed = subprocess.run(["bash", "-c", f"echo {shlex.quote(inner)}"], capture_output=True, text=True,
+                            env={"SLURM_NODEID": "1", "PATH": "/usr/bin:/bin"}).stdout
+    assert "$SLURM_NODEID" in echoed  # not expanded by the outer shell
+
+
+def test_launch_cli_writes_sbatch(tmp_path):
+    out = tmp_path / "job.sbatch"
+    result = runner.invoke(app, ["launch", str(ROOT / "recipes" / "muse_news.yaml"), "--slurm",
+                                 "-o", str(out), "--time", "02:00:00"])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --time=02:00:00" in out.read_text()
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _base_image(text: str, keyword: str) -> str:
+    return next(line.split()[-1] for line in text.splitlines() if line.startswith(keyword))
+
+
+def test_images_share_base_and_lock_and_the_lock_matches_the_project():
+    docker = (ROOT / "Dockerfile").read_text()
+    apptainer = (ROOT / "containers" / "blurctl.def").read_text()
+    assert _base_image(docker, "FROM") == _base_image(apptainer, "From:")
+    assert "-r requirements.lock" in docker and "-r /opt/blurctl/requirements.lock" in apptainer
+    assert "USER 1000" in docker and "ENTRYPOINT [\"blurctl\"]" in docker
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[name.lower().replace("_", "-")] = version
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    base_torch = re.match(r"[^:]+:(\d+\.\d+\.\d+)", _base_image(docker, "FROM")).group(1)
+    for dep in map(Requirement, deps):
+        name = dep.name.lower().replace("_", "-")
+        if name == "torch":
+            assert dep.specifier.contains(base_torch), f"base image torch {base_torch} not in {dep}"
+            continue
+        assert name in lock, f"{name} missing from requirements.lock"
+        assert dep.specifier.contains(lock[name]), f"{name}=={lock[name]} violates {dep}"
+    assert "torch" not in lock
+
+
+LOCAL = ["hardware.device=cpu", "hardware.num_processes=1", "hardware.mixed_precision=no",
+         "hardware.strategy=ddp", "model.dtype=float32", "train.max_steps=2", "train.batch_size=2",
+         "data.max_len=128", "eval.muse=null", "eval.lm_eval=null", "train.save_every=null"]
+
+
+@pytest.fixture
+def hub_standins(embedded, monkeypatch):
+    """Hub model/tokenizer/dataset loads answered by local stand-ins, recording what was asked."""
+    import datasets
+    import transformers
+
+    asked = {"model": [], "tokenizer": [], "dataset": []}
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+    real_ds = datasets.load_dataset
+
+    def model(source, **kw):
+        asked["model"].append(str(source))
+        return real_model(embedded / "target")
+
+    def tokenizer(source, **kw):
+        asked["tokenizer"].append(str(source))
+        return real_tok(embedded / "target")
+
+    def dataset(path, name=None, split=None, **kw):
+        asked["dataset"].append((path, name, split))
+        return datasets.Dataset.from_dict({"text": [f"{path} {name} text number {i}." * 5 for i in range(6)]})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(datasets, "load_dataset", dataset)
+    del real_ds
+    return asked
+
+
+def test_muse_recipe_loads_hub_model_and_local_corpus(hub_standins, embedded, tmp_path, monkeypatch):
+    from blurctl.pipeline import run
+
+    raw = tmp_path / "data" / "news" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("forget.txt", "retain1.txt"):
+        (raw / name).write_text((embedded / "corpus" / "raw" / name).read_text())
+    monkeypatch.chdir(tmp_path)
+    run(load_recipe(ROOT / "recipes" / "muse_news.yaml", [*LOCAL, f"output_dir={tmp_path / 'out'}"]))
+    assert set(hub_standins["model"]) == {"muse-bench/MUSE-News_target"}
+    assert set(hub_standins["tokenizer"]) == {"meta-llama/Llama-2-7b-hf"}
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_wmdp_recipe_loads_local_jsonl_and_hub_corpora(hub_standins, tmp_path, monkeypatch):
+    import json
+
+    from blurctl.pipeline import run
+
+    bio = tmp_path / "data" / "wmdp" / "bio_remove_dataset.jsonl"
+    bio.parent.mkdir(parents=True)
+    bio.write_text("".join(json.dumps({"text": f"Bio paper {i} about proteins."}) + "\n" for i in range(5)))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    run(load_recipe(ROOT / "recipes" / "wmdp.yaml",
+                    [*LOCAL, "steering.layer=2", "steering.update_layers=[0,1,2]", f"output_dir={out}"]))
+    assert hub_standins["model"] == ["HuggingFaceH4/zephyr-7b-beta"]
+    assert ("cais/wmdp-corpora", "cyber-forget-corpus", "train") in hub_standins["dataset"]
+    assert ("wikitext", "wikitext-2-raw-v1", "test") in hub_standins["dataset"]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["corpus"] for r in rows] == [0, 1]  # bio and cyber take turns
