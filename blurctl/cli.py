@@ -50,17 +50,17 @@ def results_table(results: dict) -> Table:
     keys = [k for k, _ in COLUMNS] + sorted(
         {k for s in models.values() for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
     shown = [k for k in keys if any(k in s for s in models.values())]
-    table = Table(title="Evaluation")
+    table = Table(title="Evaluation (± half-width of the 95% bootstrap interval)")
     table.add_column("model")
     titles = dict(COLUMNS)
     for k in shown:
-        table.add_column(titles.get(k, k), justify="right")
+        table.add_column(titles.get(k, k.removeprefix("acc:") + " acc"), justify="right")
 
     def cell(scores: dict, k: str) -> str:
         if k not in scores or scores[k] is None:
             return "-"
         ci = scores.get(f"{k}_ci")
-        return f"{scores[k]:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+        return f"{scores[k]:.2f}" + (f" ±{(ci[1] - ci[0]) / 2:.1f}" if ci else "")
 
     for name, scores in models.items():
         table.add_row(name, *(cell(scores, k) for k in shown))
@@ -70,15 +70,30 @@ def results_table(results: dict) -> Table:
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None,
              quiet: Annotated[bool, typer.Option("--quiet", "-q",
-                                                 help="Print nothing on success.")] = False) -> None:
+                                                 help="Print nothing on success.")] = False,
+             preflight: Annotated[bool, typer.Option(
+                 "--preflight", help="Also check corpora, tokenizer, model config and memory.")] = False) -> None:
     """Check a recipe and print it resolved, every default filled in.
 
-    Example: blurctl validate recipes/demo.yaml train.lr=1e-3
+    Examples: blurctl validate recipes/demo.yaml train.lr=1e-3
+              blurctl validate recipes/muse_news.yaml --preflight
     """
+    from blurctl.errors import InputError
+
     resolved = _load(recipe, overrides)
     if not quiet:
         out.print(recipe_yaml(resolved), markup=False, end="")
-    err.print(f"{recipe}: ok")
+    if preflight:
+        from blurctl.preflight import run_preflight
+
+        report = run_preflight(resolved)
+        for note in report.notes:
+            err.print(f"preflight: {note}", markup=False)
+        if report.problems:
+            for problem in report.problems:
+                err.print(f"error: {recipe}: {problem}", markup=False)
+            raise typer.Exit(InputError.exit_code)
+    err.print(f"{recipe}: ok" + (" (preflight passed)" if preflight else ""))
 
 
 def _split_launcher_args(overrides: list[str] | None) -> tuple[list[str], list[str]]:

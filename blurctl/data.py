@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from blurctl.bench.build import resolve
-from blurctl.errors import BlurctlError
+from blurctl.errors import InputError
 from blurctl.recipe import CorpusConfig
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
@@ -16,7 +16,7 @@ TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
 def _texts_from_records(records: object, field: str, where: str) -> list[str]:
     if not isinstance(records, list):
-        raise BlurctlError(f"{where}: expected a JSON list of strings or objects")
+        raise InputError(f"{where}: expected a JSON list of strings or objects")
     texts = []
     for i, rec in enumerate(records):
         if isinstance(rec, str):
@@ -24,7 +24,7 @@ def _texts_from_records(records: object, field: str, where: str) -> list[str]:
         elif isinstance(rec, dict) and isinstance(rec.get(field), str):
             texts.append(rec[field])
         else:
-            raise BlurctlError(f"{where}: record {i} has no string field {field!r}")
+            raise InputError(f"{where}: record {i} has no string field {field!r}")
     return texts
 
 
@@ -32,7 +32,7 @@ def _read_file(path: Path, field: str) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BlurctlError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     if path.suffix == ".txt":
         return [raw]
     try:
@@ -41,7 +41,7 @@ def _read_file(path: Path, field: str) -> list[str]:
         else:
             records = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise BlurctlError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     return _texts_from_records(records, field, str(path))
 
 
@@ -56,10 +56,10 @@ def _read_hub_or_saved(cfg: CorpusConfig, path: str) -> list[str]:
         else:
             ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
     except Exception as exc:  # datasets raises many types; report them in one line
-        raise BlurctlError(f"{path}: cannot load dataset ({exc.__class__.__name__}: "
+        raise InputError(f"{path}: cannot load dataset ({exc.__class__.__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if cfg.text_field not in ds.column_names:
-        raise BlurctlError(f"{path}: no column {cfg.text_field!r} (columns: "
+        raise InputError(f"{path}: no column {cfg.text_field!r} (columns: "
                            f"{', '.join(ds.column_names)})")
     return list(ds[cfg.text_field])
 
@@ -75,23 +75,23 @@ def load_texts(cfg: CorpusConfig, field_name: str, seed: int = 0) -> list[str]:
     local = Path(path)
     if local.is_file():
         if local.suffix not in TEXT_SUFFIXES:
-            raise BlurctlError(f"{field_name}: {path}: unsupported file type (use "
+            raise InputError(f"{field_name}: {path}: unsupported file type (use "
                                f"{', '.join(TEXT_SUFFIXES)}, a folder or a hub dataset id)")
         texts = _read_file(local, cfg.text_field)
     elif local.is_dir() and not any(local.glob("*.arrow")) and not (local / "dataset_dict.json").exists():
         files = sorted(p for p in local.iterdir() if p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise BlurctlError(f"{field_name}: {path}: folder holds no .txt/.json/.jsonl files")
+            raise InputError(f"{field_name}: {path}: folder holds no .txt/.json/.jsonl files")
         texts = [t for f in files for t in _read_file(f, cfg.text_field)]
     elif local.is_dir() or _looks_like_hub_id(path):
         texts = _read_hub_or_saved(cfg, path)
     else:
-        raise BlurctlError(f"{field_name}: {path}: no such file, folder or hub dataset id")
+        raise InputError(f"{field_name}: {path}: no such file, folder or hub dataset id")
     texts = [t for t in texts if t.strip()]
     if cfg.max_examples is not None:
         texts = texts[: cfg.max_examples]
     if not texts:
-        raise BlurctlError(f"{field_name}: {path}: corpus is empty")
+        raise InputError(f"{field_name}: {path}: corpus is empty")
     return texts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from blurctl.bench.build import resolve
-from blurctl.errors import BlurctlError
+from blurctl.errors import InputError
 from blurctl.recipe import LmEvalConfig
 
 
@@ -14,7 +14,7 @@ def _task_manager(cfg: LmEvalConfig, seed: int):
 
     include = resolve(cfg.include_path, seed) if cfg.include_path else None
     if include is not None and not os.path.isdir(include):
-        raise BlurctlError(f"eval.lm_eval.include_path: {include}: no such folder")
+        raise InputError(f"eval.lm_eval.include_path: {include}: no such folder")
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or any(t not in manager.all_tasks for t in cfg.tasks):
         manager = TaskManager(include_path=include, include_defaults=True)
@@ -24,7 +24,7 @@ def _task_manager(cfg: LmEvalConfig, seed: int):
 
         hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=1) for t in unknown}
         said = ", ".join(f"{t!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for t, h in hints.items())
-        raise BlurctlError(f"eval.lm_eval.tasks: unknown task {said}")
+        raise InputError(f"eval.lm_eval.tasks: unknown task {said}")
     return manager
 
 

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from blurctl.bench.build import resolve
-from blurctl.errors import BlurctlError
+from blurctl.errors import InputError
 from blurctl.recipe import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,7 +21,7 @@ def load_tokenizer(cfg: ModelConfig, seed: int = 0, padding_side: str = "right")
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
-        raise BlurctlError(f"model.tokenizer: cannot load tokenizer from {source!r} "
+        raise InputError(f"model.tokenizer: cannot load tokenizer from {source!r} "
                            f"({exc.__class__.__name__})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -42,7 +42,7 @@ def load_model(cfg: ModelConfig, seed: int = 0, path: str | None = None) -> torc
             source, revision=None if path else cfg.revision,
             dtype=DTYPES.get(cfg.dtype, "auto"), trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
-        raise BlurctlError(f"model.path: cannot load model from {source!r} "
+        raise InputError(f"model.path: cannot load model from {source!r} "
                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
     return model
 

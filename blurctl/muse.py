@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rouge_score import rouge_scorer
 
-from blurctl.errors import BlurctlError
+from blurctl.errors import InputError
 from blurctl.losses import token_logprobs
 from blurctl.progress import progress_bar
 
@@ -31,13 +31,13 @@ class MetricResult:
 def read_json(root: Path, rel: str) -> list:
     path = root / rel
     if not path.is_file():
-        raise BlurctlError(f"eval.muse.corpus: {path}: file not found")
+        raise InputError(f"eval.muse.corpus: {path}: file not found")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise BlurctlError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(data, list) or not data:
-        raise BlurctlError(f"{path}: expected a non-empty JSON list")
+        raise InputError(f"{path}: expected a non-empty JSON list")
     return data
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blurctl.envinfo import environment
 from blurctl.evaluation import evaluate
-from blurctl.errors import BlurctlError
+from blurctl.errors import BlurctlError, InputError
 import yaml
 
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
@@ -27,18 +27,18 @@ def prepare_run_dir(recipe: Recipe, resume: bool = False) -> Path:
 
     run_dir = Path(recipe.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise BlurctlError(f"output_dir: {run_dir} exists and is not a folder")
+        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
     saved = run_dir / RESOLVED_RECIPE
     if resume:
         if not saved.exists():
-            raise BlurctlError(f"--resume: {run_dir} holds no earlier run ({saved} is missing)")
+            raise InputError(f"--resume: {run_dir} holds no earlier run ({saved} is missing)")
         before = validate_dict(yaml.safe_load(saved.read_text()), str(saved)).model_dump()
         changed = sorted(_changed_keys(before, recipe.model_dump()))
         if changed:
-            raise BlurctlError(f"--resume: the recipe differs from {saved} in "
+            raise InputError(f"--resume: the recipe differs from {saved} in "
                                f"{', '.join(changed)}; resume with the same recipe")
     elif checkpoint_dirs(run_dir):
-        raise BlurctlError(f"output_dir: {run_dir} holds checkpoints of an earlier run; "
+        raise InputError(f"output_dir: {run_dir} holds checkpoints of an earlier run; "
                            "pass --resume to continue it or choose another output_dir")
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

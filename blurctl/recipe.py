@@ -309,12 +309,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+MAX_ALIASES = 100
+MAX_RECIPE_BYTES = 1_000_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader, refusing documents with more than ``MAX_ALIASES`` aliases
+    (an anchor bomb expands exponentially once anything walks the result)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*refs); refusing to expand")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path) -> Any:
     """Parse ``path`` with the safe loader, refusing tags that build Python objects."""
     if not path.is_file():
         raise RecipeError(str(path), ["file not found"])
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(str(path), [f"larger than {MAX_RECIPE_BYTES} bytes; not a recipe"])
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), ["not UTF-8 text"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

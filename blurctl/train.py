@@ -22,7 +22,7 @@ import torch
 from blurctl import checkpoint as ckpt
 from blurctl.combine import Weights, combine_
 from blurctl.data import chunk_texts, collate, load_texts
-from blurctl.errors import BlurctlError
+from blurctl.errors import BlurctlError, InputError
 from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, needs_reference,
                             nll)
 from blurctl.models import frozen_copy, load_model, load_tokenizer
@@ -71,7 +71,7 @@ def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
     n_layers = model.config.num_hidden_layers
     bad = [i for i in [steer.layer, *steer.update_layers] if i >= n_layers]
     if bad:
-        raise BlurctlError(f"steering: layer {bad[0]} out of range; the model has {n_layers} "
+        raise InputError(f"steering: layer {bad[0]} out of range; the model has {n_layers} "
                            f"layers (0..{n_layers - 1})")
     wanted = {f"layers.{i}.{steer.param_suffix}" for i in steer.update_layers}
     chosen = 0
@@ -79,7 +79,7 @@ def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
         p.requires_grad_(any(name.endswith(w) for w in wanted))
         chosen += p.requires_grad
     if chosen != len(wanted):
-        raise BlurctlError(f"steering.param_suffix: {steer.param_suffix!r} matched {chosen} of "
+        raise InputError(f"steering.param_suffix: {steer.param_suffix!r} matched {chosen} of "
                            f"{len(wanted)} parameters in layers {steer.update_layers}")
 
 
