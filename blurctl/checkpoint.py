@@ -74,18 +74,23 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, fsdp: bool, is_m
     if not is_main:
         return final
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Tied weights share storage; safetensors wants each tensor stored once.
-    save_file({k: v.contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Tied weights share storage; safetensors wants each tensor stored once.
+        save_file({k: v.contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BlurctlError(f"cannot write checkpoint step {step} in {final.parent}: "
+                           f"{exc.strerror or exc}{last_good_hint(run_dir)}") from None
     for _, old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -148,9 +153,14 @@ def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> No
     """Write to a sibling temporary folder, then rename: ``target`` is never half-written."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _fsync_dir(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _fsync_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BlurctlError(f"cannot write the model to {target}: {exc.strerror or exc}"
+                           f"{last_good_hint(target.parent)}") from None
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blurctl.bench.build import resolve
-from blurctl.errors import BlurctlError
+from blurctl.errors import BlurctlError, InputError
 from blurctl.losses import needs_reference
 from blurctl.recipe import Recipe
 
@@ -49,23 +49,71 @@ def available_bytes(recipe: Recipe) -> tuple[int, str]:
     return psutil.virtual_memory().available, "free RAM"
 
 
-def _count_params(config, recipe: Recipe) -> tuple[int, int]:
+def _skeleton(config, recipe: Recipe):
+    """The model's modules with no weights allocated (meta device)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def uses_rmu(recipe: Recipe) -> bool:
+    return "rmu" in (recipe.algorithm.forget_loss, recipe.algorithm.retain_loss)
+
+
+def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
+    """RMU's layers must exist and ``param_suffix`` must name one parameter in each."""
+    steer = recipe.steering
+    if steer is None or not uses_rmu(recipe):
+        return []
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None:
+        for i in [steer.layer, *steer.update_layers]:
+            if i >= layers:
+                return [f"steering: layer {i} out of range; the model has {layers} layers "
+                        f"(0..{layers - 1})"]
+    model = skeleton or _skeleton(config, recipe)
+    names = [n for n, _ in model.named_parameters()]
+    missing = [i for i in steer.update_layers
+               if not any(n.endswith(f"layers.{i}.{steer.param_suffix}") for n in names)]
+    if missing:
+        return [f"steering.param_suffix: {steer.param_suffix!r} names no parameter of layer(s) "
+                f"{missing}"]
+    return []
+
+
+def load_config(recipe: Recipe):
+    """The model's config (no weights), or InputError naming ``model.path``."""
+    from transformers import AutoConfig
+
+    source = resolve(recipe.model.path, recipe.seed)
+    try:
+        return AutoConfig.from_pretrained(source, revision=recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, ...
+        raise InputError(f"model.path: cannot load model from {source!r} "
+                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
+
+
+def check_model_config(recipe: Recipe) -> None:
+    """Raise InputError for an unloadable model or a bad RMU setup, from the config alone."""
+    config = load_config(recipe)
+    problems = steering_problems(recipe, config)
+    if problems:
+        raise InputError(problems[0])
+
+
+def _count_params(model, recipe: Recipe) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     steer = recipe.steering
-    if steer and "rmu" in (recipe.algorithm.forget_loss, recipe.algorithm.retain_loss):
+    if steer and uses_rmu(recipe):
         wanted = tuple(f"layers.{i}.{steer.param_suffix}" for i in steer.update_layers)
         return total, sum(p.numel() for n, p in model.named_parameters() if n.endswith(wanted))
     return total, total
 
 
 def run_preflight(recipe: Recipe) -> Preflight:
-    from transformers import AutoConfig
-
     from blurctl.data import load_texts
     from blurctl.models import load_tokenizer
 
@@ -101,19 +149,14 @@ def run_preflight(recipe: Recipe) -> Preflight:
             report.problems.append("data.retain: the same file as data.forget")
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model, recipe.seed))
-    source = resolve(recipe.model.path, recipe.seed)
-    config = check("model.path", lambda: AutoConfig.from_pretrained(
-        source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code))
+    config = check("model.path", lambda: load_config(recipe))
     if config is None:
         return report
-    steer = recipe.steering
-    layers = getattr(config, "num_hidden_layers", None)
-    if steer is not None and layers is not None:
-        for i in [steer.layer, *steer.update_layers]:
-            if i >= layers:
-                report.problems.append(f"steering: layer {i} out of range; the model has {layers} layers")
-                break
-    counted = check("model.path", lambda: _count_params(config, recipe))
+    skeleton = check("model.path", lambda: _skeleton(config, recipe))
+    if skeleton is None:
+        return report
+    report.problems += steering_problems(recipe, config, skeleton)
+    counted = _count_params(skeleton, recipe)
     if counted:
         need = estimate_training_bytes(counted[0], recipe, counted[1])
         have, where = available_bytes(recipe)

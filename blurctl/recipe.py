@@ -9,6 +9,7 @@ misspelled key, the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,10 +263,17 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return model
 
 
+_TYPE_TAG = re.compile(r"^(float|int|str|bool|none|(list|dict|function-\w+)\[.*\]|\w+Config)$")
+
+
 def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(k for k in error["loc"] if not (isinstance(k, str) and "[" in k))
+    raw_loc = error["loc"]
+    keep_last = error["type"] == "extra_forbidden"
+    loc = tuple(k for i, k in enumerate(raw_loc)
+                if not (isinstance(k, str) and _TYPE_TAG.match(k)
+                        and not (keep_last and i == len(raw_loc) - 1)))
     path = ".".join(str(k) for k in loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and loc:
         parent = _model_at(Recipe, loc[:-1])
         valid = list(parent.model_fields) if parent else []
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -286,7 +294,9 @@ def validate_dict(raw: Any, source: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         lines = [line for e in exc.errors() for line in _describe(e).splitlines()]
-        raise RecipeError(source, lines) from None
+        seen: set[str] = set()  # one line per path (a union reports each of its branches)
+        unique = [ln for ln in lines if not (ln.split(":")[0] in seen or seen.add(ln.split(":")[0]))]
+        raise RecipeError(source, unique) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -309,7 +319,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-MAX_ALIASES = 100
+MAX_ALIASES = 50
 MAX_RECIPE_BYTES = 1_000_000
 
 

@@ -26,6 +26,7 @@ from blurctl.errors import BlurctlError, InputError
 from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, needs_reference,
                             nll)
 from blurctl.models import frozen_copy, load_model, load_tokenizer
+from blurctl.preflight import check_model_config
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, per_corpus
 
@@ -153,6 +154,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     retain_sets = chunks(recipe.data.retain, "data.retain") if recipe.data.retain and alg.retain_loss else []
     n_corpora = len(forget_sets)
 
+    check_model_config(recipe)  # from the config alone, before any weights load
     model = load_model(recipe.model, recipe.seed)
     select_trainable(model, recipe)
     ref = frozen_copy(model) if needs_reference(alg) else None
@@ -224,6 +226,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
             total_loss += loss.detach()
         return total_loss
 
+    stop = _StopOnSignal()
     log = ckpt.open_log(run_dir / LOG_FILENAME, start) if accelerator.is_main_process else None
     desc = (f"unlearning ({alg.combiner}: {alg.forget_loss}"
             f"{'+' + alg.retain_loss if alg.retain_loss else ''})")
@@ -266,12 +269,17 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-                if tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < total:
-                    ckpt.save(run_dir, step + 1, model, optimizer, scheduler, fsdp,
-                              accelerator.is_main_process, tr.keep_checkpoints)
+                stopping = stop.requested(accelerator) and step + 1 < total
+                if stopping or (tr.save_every and (step + 1) % tr.save_every == 0 and step + 1 < total):
+                    saved = ckpt.save(run_dir, step + 1, model, optimizer, scheduler, fsdp,
+                                      accelerator.is_main_process, tr.keep_checkpoints)
                     accelerator.wait_for_everyone()
+                if stopping:
+                    raise Interrupted(f"stopped by {stop.name} after step {step + 1}; checkpoint "
+                                      f"saved in {saved}; continue with --resume")
                 advance(f=row["forget_loss"], r=row["retain_loss"], cos=row["cosine"])
     finally:
+        stop.restore()
         if log is not None:
             log.close()
 
@@ -287,6 +295,47 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     if dist.is_initialized() and fsdp:
         dist.barrier()
     return target
+
+
+class Interrupted(BlurctlError):
+    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint first."""
+
+    exit_code = 143
+
+
+class _StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.name: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        import signal
+
+        self.name = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """True when any rank was signalled (all ranks agree, one scalar all-reduce)."""
+        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and self.name is None:
+            self.name = "a signal on another rank"
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
