@@ -44,9 +44,9 @@ class CombineStats:
     def as_floats(self) -> dict[str, float]:
         packed = torch.stack([self.dot, self.forget_sq, self.retain_sq, self.xi]).double().tolist()
         dot, nf, nr, xi = packed
-        denom = (nf * nr) ** 0.5
-        return {"dot": dot, "forget_sq": nf, "retain_sq": nr, "xi": xi,
-                "cosine": dot / denom if denom > 0 else 0.0}
+        denom = (nf * nr) ** 0.5 if nf >= 0 and nr >= 0 else float("nan")
+        cosine = dot / denom if denom > 0 else (0.0 if denom == 0 else float("nan"))
+        return {"dot": dot, "forget_sq": nf, "retain_sq": nr, "xi": xi, "cosine": cosine}
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
