@@ -42,6 +42,13 @@ def _load(recipe: Path, overrides: list[str] | None) -> Recipe:
         raise  # unreachable: _fail always exits
 
 
+def print_table(table: Table) -> None:
+    """Tables at full width in logs and pipes; at the terminal's width otherwise."""
+    if not out.is_terminal:
+        out.width = 160
+    out.print(table)
+
+
 def results_table(results: dict) -> Table:
     """Each evaluated model's metrics, with 95% intervals where they were computed."""
     from blurctl.report import COLUMNS
@@ -134,7 +141,7 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None,
     except BlurctlError as exc:
         _fail(exc)
     if results:
-        out.print(results_table(results))
+        print_table(results_table(results))
         out.print(f"results: {Path(resolved.output_dir) / 'results.json'}")
 
 
@@ -167,7 +174,7 @@ def eval_(target: Annotated[Path, typer.Argument(
         results = evaluate(resolved, str(checkpoint) if checkpoint else None, out_dir)
     except BlurctlError as exc:
         _fail(exc)
-    out.print(results_table(results))
+    print_table(results_table(results))
     out.print(f"results: {out_dir / 'results.json'}")
 
 

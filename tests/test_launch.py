@@ -133,14 +133,20 @@ def hub_standins(embedded, monkeypatch):
     import datasets
     import transformers
 
-    asked = {"model": [], "tokenizer": [], "dataset": []}
+    asked = {"model": [], "config": [], "tokenizer": [], "dataset": []}
     real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_config = transformers.AutoConfig.from_pretrained
     real_tok = transformers.AutoTokenizer.from_pretrained
     real_ds = datasets.load_dataset
 
     def model(source, **kw):
         asked["model"].append(str(source))
         return real_model(embedded / "target")
+
+    def config(source, **kw):
+        if not str(source).startswith("/"):  # transformers also reads the stand-in's own config
+            asked["config"].append(str(source))
+        return real_config(embedded / "target", **kw)
 
     def tokenizer(source, **kw):
         asked["tokenizer"].append(str(source))
@@ -152,6 +158,7 @@ def hub_standins(embedded, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
     monkeypatch.setattr(datasets, "load_dataset", dataset)
     del real_ds
     return asked
@@ -166,7 +173,7 @@ def test_muse_recipe_loads_hub_model_and_local_corpus(hub_standins, embedded, tm
         (raw / name).write_text((embedded / "corpus" / "raw" / name).read_text())
     monkeypatch.chdir(tmp_path)
     run(load_recipe(ROOT / "recipes" / "muse_news.yaml", [*LOCAL, f"output_dir={tmp_path / 'out'}"]))
-    assert set(hub_standins["model"]) == {"muse-bench/MUSE-News_target"}
+    assert set(hub_standins["model"]) == set(hub_standins["config"]) == {"muse-bench/MUSE-News_target"}
     assert set(hub_standins["tokenizer"]) == {"meta-llama/Llama-2-7b-hf"}
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
