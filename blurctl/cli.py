@@ -198,19 +198,23 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run folders to compa
 
 @app.command()
 def sweep(recipe: RecipeArg,
-          axes: Annotated[list[str], typer.Argument(
-              help="KEY=V1,V2,... axes; the grid is their product.", show_default=False)],
+          axes: Annotated[list[str] | None, typer.Argument(
+              help="KEY=V1,V2,... axes; the grid is their product.", show_default=False)] = None,
+          variants: Annotated[Path | None, typer.Option(
+              help="YAML file: variant name -> list of KEY=VALUE overrides (crossed with the grid).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs, run nothing.")] = False) -> None:
-    """Run a grid over recipe keys one after another, then report them together.
+    """Run a grid over recipe keys (and named variants) one after another, then report them.
 
-    Example: blurctl sweep recipes/demo.yaml algorithm.combiner=blur,penalty train.lr=5e-4,1e-3
+    Examples: blurctl sweep recipes/demo.yaml algorithm.combiner=blur,penalty train.lr=5e-4,1e-3
+              blurctl sweep recipes/demo.yaml --variants benchmarks/embedded_methods.yaml
     """
     from blurctl.pipeline import run as run_pipeline
     from blurctl.report import to_markdown, write_report
-    from blurctl.sweep import expand
+    from blurctl.sweep import expand, read_variants
 
     try:
-        points = expand(recipe, axes)
+        named = read_variants(variants) if variants else None
+        points = expand(recipe, axes or [], variants=named)
     except RecipeError as exc:
         _fail(exc)
     for p in points:
@@ -228,7 +232,8 @@ def sweep(recipe: RecipeArg,
             err.print(f"error: {p.name}: {exc}", markup=False)
     if done:
         root = done[0].parent
-        rows = write_report(done, root)
+        referenced = sorted(done, key=lambda d: not _has_references(d))  # base/retrained rows first
+        rows = write_report(referenced, root)
         out.print(to_markdown(rows), markup=False)
         out.print(f"report: {root}/report.md, report.png")
     if failed:
@@ -303,6 +308,13 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
     except BlurctlError as exc:
         _fail(exc)
     out.print(f"published: {url}")
+
+
+def _has_references(run_dir: Path) -> bool:
+    import json
+
+    results = run_dir / "results.json"
+    return results.is_file() and "base" in json.loads(results.read_text()).get("models", {})
 
 
 def _quiet_libraries() -> None:

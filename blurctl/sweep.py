@@ -1,4 +1,4 @@
-"""A grid over recipe keys, run one after another, then compared in one report."""
+"""A grid over recipe keys (and named variants), run one after another, then reported."""
 
 from __future__ import annotations
 
@@ -30,20 +30,40 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
 
 
-def expand(recipe_path: Path, axes: list[str], base: list[str] | None = None) -> list[SweepPoint]:
-    """Every grid point as a validated recipe writing into ``output_dir/<key-value_...>``."""
+def read_variants(path: Path) -> dict[str, list[str]]:
+    """A YAML mapping of variant name -> list of KEY=VALUE overrides."""
+    from blurctl.recipe import read_yaml
+
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and all(isinstance(o, str) for o in v) for v in raw.values()):
+        raise RecipeError(str(path), ["expected a mapping of variant name to a list of KEY=VALUE"])
+    return {str(k): v for k, v in raw.items()}
+
+
+def expand(recipe_path: Path, axes: list[str], base: list[str] | None = None,
+           variants: dict[str, list[str]] | None = None) -> list[SweepPoint]:
+    """Every (variant x grid point) as a validated recipe writing into ``output_dir/<name>``.
+
+    An axis with one value is a plain override shared by every run (not in the names).
+    """
     parsed = [parse_axis(a) for a in axes]
-    root = Path(load_recipe(recipe_path, base or []).output_dir)
+    base = [*(base or []), *(f"{key}={values[0]}" for key, values in parsed if len(values) == 1)]
+    parsed = [(key, values) for key, values in parsed if len(values) > 1]
+    root = Path(load_recipe(recipe_path, base).output_dir)
     points, problems = [], []
-    for combo in itertools.product(*(values for _, values in parsed)):
-        pairs = [f"{key}={value}" for (key, _), value in zip(parsed, combo)]
-        name = "_".join(_slug(f"{key.split('.')[-1]}-{value}") for (key, _), value in
-                        zip(parsed, combo)) or "default"
-        overrides = [*(base or []), *pairs, f"output_dir={root / name}"]
-        try:
-            points.append(SweepPoint(name, pairs, load_recipe(recipe_path, overrides)))
-        except RecipeError as exc:
-            problems += [f"[{name}] {p}" for p in exc.problems]
+    for variant, variant_overrides in (variants or {"": []}).items():
+        for combo in itertools.product(*(values for _, values in parsed)):
+            pairs = [f"{key}={value}" for (key, _), value in zip(parsed, combo)]
+            parts = [_slug(variant)] if variant else []
+            parts += [_slug(f"{key.split('.')[-1]}-{value}") for (key, _), value in zip(parsed, combo)]
+            name = "_".join(parts) or "default"
+            overrides = [*(base or []), *variant_overrides, *pairs, f"output_dir={root / name}"]
+            try:
+                points.append(SweepPoint(name, [*variant_overrides, *pairs],
+                                         load_recipe(recipe_path, overrides)))
+            except RecipeError as exc:
+                problems += [f"[{name}] {p}" for p in exc.problems]
     if problems:
         raise RecipeError(str(recipe_path), problems)
     return points

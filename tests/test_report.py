@@ -78,3 +78,17 @@ def test_sweep_dry_run_lists_runs():
     result = runner.invoke(app, ["sweep", str(DEMO), "algorithm.combiner=blur,blur_upper", "--dry-run"])
     assert result.exit_code == 0
     assert "combiner-blur_upper: algorithm.combiner=blur_upper" in result.stdout
+
+
+def test_sweep_variants_cross_the_grid_and_single_values_are_shared(tmp_path):
+    from blurctl.sweep import read_variants
+
+    variants = read_variants(DEMO.parents[1] / "benchmarks" / "embedded_methods.yaml")
+    assert list(variants)[0] == "BLUR" and "RMU" in variants
+    points = expand(DEMO, [f"output_dir={tmp_path}", "train.lr=1e-3,2e-3"], variants=variants)
+    assert len(points) == 2 * len(variants)
+    names = [p.name for p in points]
+    assert names[:2] == ["BLUR_lr-1e-3", "BLUR_lr-2e-3"]
+    rmu = points[names.index("RMU_lr-2e-3")].recipe
+    assert rmu.algorithm.forget_loss == "rmu" and rmu.steering.update_layers == [0, 1, 2]
+    assert rmu.output_dir == str(tmp_path / "RMU_lr-2e-3")
