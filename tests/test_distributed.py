@@ -48,3 +48,19 @@ def weights_base(embedded):
     from safetensors.torch import load_file
 
     return load_file(embedded / "target" / "model.safetensors")
+
+
+def test_run_relaunches_itself_with_two_processes(embedded, tmp_path):
+    """hardware.num_processes=2 on CPU: blurctl run starts torchrun, launcher args after --."""
+    out = tmp_path / "relaunched"
+    cmd = [sys.executable, "-m", "blurctl", "run", str(DEMO), *COMMON, "train.batch_size=2",
+           "hardware.num_processes=2", f"output_dir={out}", "--",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching: " in proc.stderr and "torch.distributed.run --nproc_per_node 2" in proc.stderr
+    import json
+
+    assert json.loads((out / "environment.json").read_text())["hardware"]["world_size"] == 2
+    assert len(log_rows(out)) == 3

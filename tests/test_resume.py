@@ -73,3 +73,36 @@ def test_clipping_bounds_the_combined_direction(embedded, tmp_path):
     after = weights(tmp_path)
     step = torch.sqrt(sum(((after[k] - base[k]).double() ** 2).sum() for k in base))
     assert step.item() == pytest.approx(0.001, rel=1e-3)
+
+
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(embedded, tmp_path):
+    """With a checkpoint every step, kills land during saves too; what is visible is complete."""
+    import random
+
+    from safetensors.torch import load_file
+
+    every = ["train.max_steps=40", "train.save_every=1", "train.keep_checkpoints=3", "eval.muse=null",
+             "eval.lm_eval=null", "train.batch_size=2", "train.lr=1e-3"]
+    out = tmp_path / "run"
+    env = {**os.environ, "BLURCTL_NO_PROGRESS": "1"}
+    rng = random.Random(0)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "blurctl", "run", str(DEMO), *every, f"output_dir={out}"]
+        if attempt:
+            cmd.append("--resume")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = len(checkpoint_dirs(out))
+        deadline = time.time() + 300
+        while len(checkpoint_dirs(out)) <= start and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for _, path in checkpoint_dirs(out):
+            state = load_file(path / "model.safetensors")  # complete and readable
+            assert state and (path / "trainer.pt").stat().st_size > 0
+    run(load_recipe(DEMO, [*every, f"output_dir={out}"]), resume=True)
+    straight = tmp_path / "straight"
+    run(load_recipe(DEMO, [*every, "train.save_every=null", f"output_dir={straight}"]))
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,50 @@
+"""validate --preflight: corpora, tokenizer, model config, RMU layers, memory."""
+
+import pytest
+from typer.testing import CliRunner
+
+from blurctl import preflight
+from blurctl.cli import app
+from blurctl.recipe import load_recipe
+
+from helpers import DEMO
+
+runner = CliRunner()
+
+
+def test_demo_passes_preflight_with_a_memory_estimate(embedded):
+    result = runner.invoke(app, ["validate", "-q", str(DEMO), "--preflight"])
+    assert result.exit_code == 0, result.stderr
+    assert "preflight: memory: about" in result.stderr and "preflight passed" in result.stderr
+
+
+def test_every_problem_is_reported_at_once(embedded, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = runner.invoke(app, ["validate", "-q", str(DEMO), "--preflight",
+                                 f"data.forget={tmp_path / 'missing.txt'}",
+                                 f"data.retain={tmp_path / 'empty.txt'}",
+                                 "algorithm.forget_loss=rmu", "algorithm.retain_loss=rmu",
+                                 "steering.layer=9", "steering.update_layers=[1]"])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert "missing.txt: no such file" in errors[0]
+    assert "empty.txt: corpus is empty" in errors[1]
+    assert "steering: layer 9 out of range; the model has 4 layers" in errors[2]
+
+
+def test_memory_that_does_not_fit_is_refused(embedded, monkeypatch):
+    monkeypatch.setattr(preflight, "available_bytes", lambda recipe: (1_000_000, "free RAM"))
+    report = preflight.run_preflight(load_recipe(DEMO))
+    assert any(p.startswith("hardware: training needs about") for p in report.problems)
+
+
+def test_memory_estimate_counts_buffers_and_reference():
+    npo = load_recipe(DEMO)  # npo needs a frozen reference
+    ga = load_recipe(DEMO, ["algorithm.forget_loss=ga"])
+    n = 1_000_000
+    # fp32 ("auto" counts as 4 bytes): weights + gradient + set-aside gradient + 2 Adam moments
+    assert preflight.estimate_training_bytes(n, ga) == n * (4 + 8 + 8)
+    assert preflight.estimate_training_bytes(n, npo) == n * (4 + 8 + 8 + 4)
+    rmu = load_recipe(DEMO, ["algorithm.forget_loss=rmu", "algorithm.retain_loss=rmu", "steering.layer=2"])
+    assert preflight.estimate_training_bytes(n, rmu, trainable=10) == n * 4 + 10 * (8 + 8) + n * 4
