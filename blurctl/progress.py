@@ -6,6 +6,9 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import sys
+import time
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -19,6 +22,9 @@ def progress_bar(desc: str, total: int, completed: int = 0) -> Iterator[Callable
     if not _is_main_process() or os.environ.get("BLURCTL_NO_PROGRESS"):
         yield lambda **_: None
         return
+    if not sys.stderr.isatty():  # logs and pipes: a plain line every tenth of the way
+        yield _plain_lines(desc, total, completed)
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, transient=False) as bar:
@@ -29,3 +35,18 @@ def progress_bar(desc: str, total: int, completed: int = 0) -> Iterator[Callable
             bar.update(task, advance=1, info=info)
 
         yield advance
+
+
+def _plain_lines(desc: str, total: int, completed: int) -> Callable[..., None]:
+    state = {"done": completed, "start": time.monotonic(), "next": completed + max(1, total // 10)}
+
+    def advance(**fields: float) -> None:
+        state["done"] += 1
+        if state["done"] >= state["next"] or state["done"] == total:
+            state["next"] += max(1, total // 10)
+            info = " ".join(f"{k}={v:.4g}" for k, v in fields.items())
+            elapsed = time.monotonic() - state["start"]
+            print(f"{desc}: {state['done']}/{total} ({elapsed:.0f}s) {info}".rstrip(),
+                  file=sys.stderr, flush=True)
+
+    return advance
