@@ -55,7 +55,7 @@ def step(model, opt, variant: str, fb: dict, rb: dict) -> None:
         gdr(model, None, rb, ctx).backward()
         g_r = _take_grads(params)
         combine_(g_f, g_r, variant, Weights())
-        for p, d in zip(params, g_r):
+        for p, d in zip(params, g_r, strict=True):
             p.grad = d
         del g_f
     opt.step()

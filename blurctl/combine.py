@@ -61,7 +61,7 @@ def inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor],
     """<g_r,g_f>, |g_f|^2, |g_r|^2 over all tensors, summed across ranks by ``all_reduce``."""
     if g_f:
         three = torch.stack([torch.stack([_dot(r, f), _dot(f, f), _dot(r, r)])
-                             for f, r in zip(g_f, g_r)]).sum(0)
+                             for f, r in zip(g_f, g_r, strict=True)]).sum(0)
     else:
         three = torch.zeros(3)
     if all_reduce is not None:

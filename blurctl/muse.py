@@ -72,7 +72,7 @@ def verbmem(model, tokenizer, items: list[dict], max_new_tokens: int, batch_size
     outputs = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens,
                        batch_size, "VerbMem_f")
     examples = []
-    for it, out in zip(items, outputs):
+    for it, out in zip(items, outputs, strict=True):
         gt_ids = tokenizer(it["gt"], add_special_tokens=False)["input_ids"][:max_new_tokens]
         gt = tokenizer.decode(gt_ids, skip_special_tokens=True)
         examples.append({"prompt": it["prompt"], "answer": gt, "output": out,
@@ -95,7 +95,7 @@ def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: i
     outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
     examples = [{"prompt": it["question"], "answer": it["answer"], "output": cut_answer(out),
                  "score": 100 * rouge_l_f1(cut_answer(out), it["answer"])}
-                for it, out in zip(qa, outputs)]
+                for it, out in zip(qa, outputs, strict=True)]
     return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
 
 
@@ -112,7 +112,7 @@ def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             logp, mask = token_logprobs(logits, labels)
-            for row, m in zip(logp, mask):
+            for row, m in zip(logp, mask, strict=True):
                 vals = row[m].sort().values
                 k = max(1, math.ceil(fraction * len(vals)))
                 scores.append(-vals[:k].mean().item())

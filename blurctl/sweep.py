@@ -54,9 +54,10 @@ def expand(recipe_path: Path, axes: list[str], base: list[str] | None = None,
     points, problems = [], []
     for variant, variant_overrides in (variants or {"": []}).items():
         for combo in itertools.product(*(values for _, values in parsed)):
-            pairs = [f"{key}={value}" for (key, _), value in zip(parsed, combo)]
+            chosen = list(zip((key for key, _ in parsed), combo, strict=True))
+            pairs = [f"{key}={value}" for key, value in chosen]
             parts = [_slug(variant)] if variant else []
-            parts += [_slug(f"{key.split('.')[-1]}-{value}") for (key, _), value in zip(parsed, combo)]
+            parts += [_slug(f"{key.split('.')[-1]}-{value}") for key, value in chosen]
             name = "_".join(parts) or "default"
             overrides = [*(base or []), *variant_overrides, *pairs, f"output_dir={root / name}"]
             try:

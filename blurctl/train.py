@@ -247,7 +247,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
                     g_r = [torch.zeros_like(g) for g in g_f]
                 stats = combine_([_local(g) for g in g_f], [_local(g) for g in g_r],
                                  combiner, weights[corpus], all_reduce)
-                for p, d in zip(params, g_r):
+                for p, d in zip(params, g_r, strict=True):
                     p.grad = d
                 del g_f
                 losses = accelerator.reduce(torch.stack([f_loss, r_loss]), reduction="mean").tolist()

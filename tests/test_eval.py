@@ -53,7 +53,7 @@ def test_mink_matches_hand_computation(target):
     model, tok = target
     texts = ["Short text here.", "A somewhat longer text with more tokens in it, to pad."]
     got = mink_scores(model, tok, texts, batch_size=2)
-    for text, score in zip(texts, got):
+    for text, score in zip(texts, got, strict=True):
         ids = tok(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)

@@ -1,6 +1,5 @@
 """validate --preflight: corpora, tokenizer, model config, RMU layers, memory."""
 
-import pytest
 from typer.testing import CliRunner
 
 from blurctl import preflight
