@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from blurctl.recipe import AlgorithmConfig, SteeringConfig
+from blurctl.recipe import NEEDS_REFERENCE, AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
 
@@ -138,7 +138,6 @@ def control_vector(hidden_size: int, seed: int) -> torch.Tensor:
 
 FORGET_LOSSES: dict[str, LossFn] = {"ga": ga, "npo": npo, "simnpo": simnpo, "rmu": rmu_forget}
 RETAIN_LOSSES: dict[str, LossFn] = {"gdr": gdr, "klr": klr, "rmu": rmu_retain}
-NEEDS_REFERENCE = {("forget", "npo"), ("retain", "klr"), ("retain", "rmu")}
 
 
 def needs_reference(alg: AlgorithmConfig) -> bool:

@@ -31,6 +31,8 @@ class ModelConfig(Section):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    reference: str = Field("copy", description="Frozen reference for npo/klr/rmu-retain: 'copy' "
+                                               "(of the model), a model path, or 'none'.")
 
 
 class CorpusConfig(Section):
@@ -70,6 +72,7 @@ ForgetLoss = Literal["ga", "npo", "simnpo", "rmu"]
 RetainLoss = Literal["gdr", "klr", "rmu"]
 Combiner = Literal["blur", "blur_upper", "penalty", "task_vector"]
 BILEVEL = ("blur", "blur_upper")
+NEEDS_REFERENCE = {("forget", "npo"), ("retain", "klr"), ("retain", "rmu")}
 
 
 class AlgorithmConfig(Section):
@@ -110,6 +113,8 @@ class TrainConfig(Section):
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
+    global_batch_size: int | None = Field(
+        None, gt=0, description="Examples per optimizer step over all processes; sets grad_accum.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
 
@@ -202,6 +207,22 @@ def cross_field_problems(r: Recipe) -> list[str]:
         if alg.forget_loss != "ga" or alg.retain_loss is not None:
             problems.append("algorithm.combiner: task_vector fine-tunes on D_f and subtracts; "
                             "set forget_loss: ga and retain_loss: null")
+    reference_losses = [f"algorithm.{kind}_loss={name!r}" for kind, name in
+                        (("forget", alg.forget_loss), ("retain", alg.retain_loss))
+                        if (kind, name) in NEEDS_REFERENCE]
+    if r.model.reference == "none" and reference_losses:
+        problems.append(f"model.reference: 'none', but {reference_losses[0]} needs a frozen "
+                        "reference model (use 'copy' or a model path)")
+    world = r.hardware.num_processes * r.hardware.num_machines
+    if r.train.global_batch_size is not None:
+        per_pass = r.train.batch_size * world
+        if r.train.global_batch_size % per_pass:
+            problems.append(f"train.global_batch_size: {r.train.global_batch_size} is not a multiple "
+                            f"of batch_size x processes = {r.train.batch_size} x {world} = {per_pass}")
+        elif r.train.grad_accum != 1 and r.train.grad_accum != r.train.global_batch_size // per_pass:
+            problems.append(f"train.grad_accum: {r.train.grad_accum} contradicts global_batch_size "
+                            f"{r.train.global_batch_size} (which implies "
+                            f"{r.train.global_batch_size // per_pass}); set only one")
     if alg.retain_loss is not None and r.data.retain is None:
         problems.append(f"data.retain: required by algorithm.retain_loss={alg.retain_loss!r}")
     if "rmu" in (alg.forget_loss, alg.retain_loss) and r.steering is None:
@@ -227,6 +248,14 @@ def cross_field_problems(r: Recipe) -> list[str]:
         if any(v < 0 for v in values) or (path == "steering.coeff" and any(v == 0 for v in values)):
             problems.append(f"{path}: must be positive (got {value})")
     return problems
+
+
+def grad_accum(r: Recipe) -> int:
+    """Micro-batches per optimizer step: from global_batch_size when given."""
+    if r.train.global_batch_size is None:
+        return r.train.grad_accum
+    world = r.hardware.num_processes * r.hardware.num_machines
+    return r.train.global_batch_size // (r.train.batch_size * world)
 
 
 def per_corpus(value: float | list[float], index: int) -> float:

@@ -28,7 +28,7 @@ from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_v
 from blurctl.models import frozen_copy, load_model, load_tokenizer
 from blurctl.preflight import check_model_config
 from blurctl.progress import progress_bar
-from blurctl.recipe import Recipe, per_corpus
+from blurctl.recipe import Recipe, grad_accum, per_corpus
 
 MODEL_DIRNAME = "model"
 LOG_FILENAME = "train_log.jsonl"
@@ -60,7 +60,7 @@ class BatchPlan:
 
 
 def steps_per_epoch(n_forget: int, recipe: Recipe, world: int) -> int:
-    per_step = recipe.train.batch_size * recipe.train.grad_accum * world
+    per_step = recipe.train.batch_size * grad_accum(recipe) * world
     return max(1, math.ceil(n_forget / per_step))
 
 
@@ -127,6 +127,13 @@ def _take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return grads
 
 
+def _reference(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """The frozen pi_ref: a copy of the starting model, or the model at ``model.reference``."""
+    if recipe.model.reference == "copy":
+        return frozen_copy(model)
+    return frozen_copy(load_model(recipe.model, recipe.seed, path=recipe.model.reference))
+
+
 def _task_vector_loss(model, ref, batch, ctx) -> torch.Tensor:
     """Task vector: fine-tune *towards* D_f; the difference is subtracted afterwards."""
     return nll(model, batch)
@@ -157,7 +164,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     check_model_config(recipe)  # from the config alone, before any weights load
     model = load_model(recipe.model, recipe.seed)
     select_trainable(model, recipe)
-    ref = frozen_copy(model) if needs_reference(alg) else None
+    ref = _reference(model, recipe) if needs_reference(alg) else None
     base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                   if alg.combiner == "task_vector" else None)
     contexts = [LossContext(alg, recipe.steering,
@@ -198,15 +205,16 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     weights = [Weights(alg.forget_weight, per_corpus(alg.retain_weight, c), alg.eps)
                for c in range(n_corpora)]
     pad = tokenizer.pad_token_id
+    accum = grad_accum(recipe)
 
     def micro_batches(plan: BatchPlan, chunks: list[list[int]], step: int) -> list[dict]:
-        batches = [collate([chunks[i] for i in plan.indices(step * tr.grad_accum + k)], pad)
-                   for k in range(tr.grad_accum)]
+        batches = [collate([chunks[i] for i in plan.indices(step * accum + k)], pad)
+                   for k in range(accum)]
         counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()]
                                for b in batches], dtype=torch.float64).sum(0)
         if world > 1:
             counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-        norm = counts / (world * tr.grad_accum)
+        norm = counts / (world * accum)
         for b in batches:
             b["target_tokens"], b["input_tokens"] = norm[0].float(), norm[1].float()
         return [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
@@ -221,7 +229,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
             else:
                 context = nullcontext() if sync else accelerator.no_sync(model)
             with context, accelerator.autocast():
-                loss = loss_fn(model, ref, batch, ctx) / tr.grad_accum
+                loss = loss_fn(model, ref, batch, ctx) / accum
             accelerator.backward(loss)
             total_loss += loss.detach()
         return total_loss

@@ -89,3 +89,28 @@ def test_accumulation_equals_the_large_batch(embedded, tmp_path):
     wa, wb = weights(big), weights(small)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_global_batch_size_sets_accumulation(embedded, tmp_path):
+    from blurctl.recipe import grad_accum
+
+    recipe = load_recipe(DEMO, ["train.global_batch_size=8", "train.batch_size=2"])
+    assert grad_accum(recipe) == 4
+    big = tmp_path / "big"
+    go(big, "train.batch_size=4", "train.grad_accum=1")
+    derived = tmp_path / "derived"
+    go(derived, "train.batch_size=2", "train.global_batch_size=4")
+    wa, wb = weights(big), weights(derived)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_separate_reference_model(embedded, tmp_path):
+    """model.reference points NPO's pi_ref at another checkpoint; 'copy' equals the same path."""
+    copy, path = tmp_path / "copy", tmp_path / "path"
+    go(copy, "model.reference=copy")
+    go(path, f"model.reference={embedded / 'target'}")
+    assert log_rows(copy) == log_rows(path)
+    other = tmp_path / "other"
+    go(other, f"model.reference={embedded / 'retrained'}")
+    assert log_rows(other)[0]["forget_loss"] != log_rows(copy)[0]["forget_loss"]
