@@ -23,3 +23,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_run(*args: str, capture: bool = False):
+    """``blurctl run DEMO *args`` in a child process (for tests that signal it)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "blurctl", "run", str(DEMO), *args],
+                            stdout=out, stderr=out, text=True,
+                            env={**os.environ, "BLURCTL_NO_PROGRESS": "1"})
+
+
+def wait_for_checkpoints(run_dir: Path, proc, more_than: int = 0, timeout: float = 300) -> None:
+    """Poll until ``run_dir`` has more than ``more_than`` checkpoints (or the child exits)."""
+    import time
+
+    from blurctl.checkpoint import checkpoint_dirs
+
+    deadline = time.time() + timeout
+    while len(checkpoint_dirs(run_dir)) <= more_than and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)

@@ -1,9 +1,8 @@
-"""Checkpoints survive kill -9; resuming gives bitwise the weights of an uninterrupted run."""
+"""Checkpoints survive kill -9 and SIGTERM; resuming gives bitwise the weights of an
+uninterrupted run."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,24 +13,24 @@ from blurctl.errors import BlurctlError
 from blurctl.pipeline import run
 from blurctl.recipe import load_recipe
 
-from helpers import DEMO, log_rows, weights
+from helpers import DEMO, log_rows, start_run, wait_for_checkpoints, weights
 
 RUN = ["train.max_steps=24", "train.save_every=3", "train.keep_checkpoints=2", "eval.muse=null",
        "train.batch_size=2", "train.lr=1e-3"]
 
 
-def test_kill_9_then_resume_is_bitwise_identical(embedded, tmp_path):
+def straight_run(tmp_path):
+    """The uninterrupted run that interrupted ones must match."""
     straight = tmp_path / "straight"
     run(load_recipe(DEMO, [*RUN, f"output_dir={straight}"]))
+    return straight
 
+
+def test_kill_9_then_resume_is_bitwise_identical(embedded, tmp_path):
+    straight = straight_run(tmp_path)
     killed = tmp_path / "killed"
-    env = {**os.environ, "BLURCTL_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "blurctl", "run", str(DEMO), *RUN,
-                             f"output_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not checkpoint_dirs(killed) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start_run(*RUN, f"output_dir={killed}")
+    wait_for_checkpoints(killed, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "model").exists(), "the run finished before it could be killed"
@@ -43,6 +42,25 @@ def test_kill_9_then_resume_is_bitwise_identical(embedded, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert log_rows(killed) == log_rows(straight)
     assert [step for step, _ in checkpoint_dirs(killed)] == [18, 21]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches(embedded, tmp_path):
+    straight = straight_run(tmp_path)
+    stopped = tmp_path / "stopped"
+    proc = start_run(*RUN, f"output_dir={stopped}", capture=True)
+    wait_for_checkpoints(stopped, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM after step" in stderr and "continue with --resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (stopped / "model").exists()
+    last = checkpoint_dirs(stopped)[-1][0]
+    assert last == len(log_rows(stopped)) and last < 24
+
+    run(load_recipe(DEMO, [*RUN, f"output_dir={stopped}"]), resume=True)
+    a, b = weights(straight), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_half_written_checkpoint_is_ignored(embedded, tmp_path):
@@ -84,17 +102,10 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(embedded, tmp
     every = ["train.max_steps=40", "train.save_every=1", "train.keep_checkpoints=3", "eval.muse=null",
              "eval.lm_eval=null", "train.batch_size=2", "train.lr=1e-3"]
     out = tmp_path / "run"
-    env = {**os.environ, "BLURCTL_NO_PROGRESS": "1"}
     rng = random.Random(0)
     for attempt in range(3):
-        cmd = [sys.executable, "-m", "blurctl", "run", str(DEMO), *every, f"output_dir={out}"]
-        if attempt:
-            cmd.append("--resume")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = len(checkpoint_dirs(out))
-        deadline = time.time() + 300
-        while len(checkpoint_dirs(out)) <= start and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)
+        proc = start_run(*every, f"output_dir={out}", *(["--resume"] if attempt else []))
+        wait_for_checkpoints(out, proc, more_than=len(checkpoint_dirs(out)))
         time.sleep(rng.uniform(0.0, 0.3))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
