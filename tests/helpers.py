@@ -37,12 +37,17 @@ def start_run(*args: str, capture: bool = False):
                             env={**os.environ, "BLURCTL_NO_PROGRESS": "1"})
 
 
-def wait_for_checkpoints(run_dir: Path, proc, more_than: int = 0, timeout: float = 300) -> None:
-    """Poll until ``run_dir`` has more than ``more_than`` checkpoints (or the child exits)."""
-    import time
-
+def newest_checkpoint(run_dir: Path) -> int:
     from blurctl.checkpoint import checkpoint_dirs
 
+    found = checkpoint_dirs(run_dir)
+    return found[-1][0] if found else 0
+
+
+def wait_for_checkpoints(run_dir: Path, proc, after_step: int = 0, timeout: float = 300) -> None:
+    """Poll until ``run_dir`` has a checkpoint newer than ``after_step`` (or the child exits)."""
+    import time
+
     deadline = time.time() + timeout
-    while len(checkpoint_dirs(run_dir)) <= more_than and time.time() < deadline and proc.poll() is None:
+    while newest_checkpoint(run_dir) <= after_step and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

@@ -13,7 +13,7 @@ from blurctl.errors import BlurctlError
 from blurctl.pipeline import run
 from blurctl.recipe import load_recipe
 
-from helpers import DEMO, log_rows, start_run, wait_for_checkpoints, weights
+from helpers import DEMO, log_rows, newest_checkpoint, start_run, wait_for_checkpoints, weights
 
 RUN = ["train.max_steps=24", "train.save_every=3", "train.keep_checkpoints=2", "eval.muse=null",
        "train.batch_size=2", "train.lr=1e-3"]
@@ -105,8 +105,9 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(embedded, tmp
     rng = random.Random(0)
     for attempt in range(3):
         proc = start_run(*every, f"output_dir={out}", *(["--resume"] if attempt else []))
-        wait_for_checkpoints(out, proc, more_than=len(checkpoint_dirs(out)))
+        wait_for_checkpoints(out, proc, after_step=newest_checkpoint(out))
         time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         for _, path in checkpoint_dirs(out):
