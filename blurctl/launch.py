@@ -15,13 +15,9 @@ from pathlib import Path
 from blurctl.recipe import Recipe
 
 
-def world_size(recipe: Recipe) -> int:
-    return recipe.hardware.num_processes * recipe.hardware.num_machines
-
-
 def needs_launch(recipe: Recipe) -> bool:
     """More than one process wanted, and we are not already one of them."""
-    return world_size(recipe) > 1 and "LOCAL_RANK" not in os.environ
+    return recipe.hardware.world_size > 1 and "LOCAL_RANK" not in os.environ
 
 
 def _blurctl_args(recipe_path: Path, overrides: list[str], resume: bool) -> list[str]:
@@ -40,7 +36,7 @@ def launch_command(recipe: Recipe, recipe_path: Path, overrides: list[str], resu
     if hw.device == "cpu":
         return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(hw.num_processes),
                 "--nnodes", str(hw.num_machines), *extra, *job]
-    return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(world_size(recipe)),
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(hw.world_size),
             "--num_machines", str(hw.num_machines), "--mixed_precision", hw.mixed_precision,
             *extra, *job]
 
@@ -65,7 +61,7 @@ def slurm_script(recipe: Recipe, recipe_path: Path, overrides: list[str], opts: 
     hw, c = recipe.hardware, recipe.container
     job = " ".join(shlex.quote(a) for a in ["python", *_blurctl_args(recipe_path, overrides, resume)])
     extra = " ".join(shlex.quote(a) for a in (launcher_args or []))
-    inner = (f"accelerate launch --multi_gpu --num_processes {world_size(recipe)} "
+    inner = (f"accelerate launch --multi_gpu --num_processes {hw.world_size} "
              f"--num_machines {hw.num_machines} --machine_rank $SLURM_NODEID "
              f"--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT "
              f"--mixed_precision {hw.mixed_precision} {extra} {job}").replace("  ", " ")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from blurctl.recipe import NEEDS_REFERENCE, AlgorithmConfig, SteeringConfig
+from blurctl.recipe import AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
 
@@ -138,8 +138,3 @@ def control_vector(hidden_size: int, seed: int) -> torch.Tensor:
 
 FORGET_LOSSES: dict[str, LossFn] = {"ga": ga, "npo": npo, "simnpo": simnpo, "rmu": rmu_forget}
 RETAIN_LOSSES: dict[str, LossFn] = {"gdr": gdr, "klr": klr, "rmu": rmu_retain}
-
-
-def needs_reference(alg: AlgorithmConfig) -> bool:
-    return (("forget", alg.forget_loss) in NEEDS_REFERENCE
-            or ("retain", alg.retain_loss) in NEEDS_REFERENCE)

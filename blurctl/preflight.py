@@ -13,7 +13,6 @@ from pathlib import Path
 
 from blurctl.bench.build import resolve
 from blurctl.errors import BlurctlError, InputError
-from blurctl.losses import needs_reference
 from blurctl.recipe import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
@@ -31,7 +30,7 @@ def estimate_training_bytes(n_params: int, recipe: Recipe, trainable: int | None
     trainable = n_params if trainable is None else trainable
     total = n_params * width + 2 * trainable * width
     total += trainable * (8 if recipe.train.optimizer == "adamw" else 0)
-    if needs_reference(recipe.algorithm):
+    if recipe.algorithm.reference_losses:
         total += n_params * width
     return total
 
@@ -43,7 +42,7 @@ def available_bytes(recipe: Recipe) -> tuple[int, str]:
 
     if recipe.hardware.device != "cpu" and torch.cuda.is_available():
         per_gpu = min(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count()))
-        shards = recipe.hardware.num_processes * recipe.hardware.num_machines
+        shards = recipe.hardware.world_size
         usable = per_gpu * (shards if recipe.hardware.strategy == "fsdp" else 1)
         return usable, f"{shards} GPU(s) of {per_gpu / 2**30:.0f} GiB ({recipe.hardware.strategy})"
     return psutil.virtual_memory().available, "free RAM"
@@ -58,14 +57,10 @@ def _skeleton(config, recipe: Recipe):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
-def uses_rmu(recipe: Recipe) -> bool:
-    return "rmu" in (recipe.algorithm.forget_loss, recipe.algorithm.retain_loss)
-
-
 def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
     """RMU's layers must exist and ``param_suffix`` must name one parameter in each."""
     steer = recipe.steering
-    if steer is None or not uses_rmu(recipe):
+    if steer is None or not recipe.algorithm.uses_rmu:
         return []
     layers = getattr(config, "num_hidden_layers", None)
     if layers is not None:
@@ -75,8 +70,8 @@ def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
                         f"(0..{layers - 1})"]
     model = skeleton or _skeleton(config, recipe)
     names = [n for n, _ in model.named_parameters()]
-    missing = [i for i in steer.update_layers
-               if not any(n.endswith(f"layers.{i}.{steer.param_suffix}") for n in names)]
+    missing = [i for i, suffix in zip(steer.update_layers, steer.trained_suffixes, strict=True)
+               if not any(n.endswith(suffix) for n in names)]
     if missing:
         return [f"steering.param_suffix: {steer.param_suffix!r} names no parameter of layer(s) "
                 f"{missing}"]
@@ -107,9 +102,8 @@ def check_model_config(recipe: Recipe) -> None:
 def _count_params(model, recipe: Recipe) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     steer = recipe.steering
-    if steer and uses_rmu(recipe):
-        wanted = tuple(f"layers.{i}.{steer.param_suffix}" for i in steer.update_layers)
-        return total, sum(p.numel() for n, p in model.named_parameters() if n.endswith(wanted))
+    if steer and recipe.algorithm.uses_rmu:
+        return total, sum(p.numel() for n, p in model.named_parameters() if steer.trains(n))
     return total, total
 
 

@@ -89,6 +89,17 @@ class AlgorithmConfig(Section):
     eps: float = Field(1e-12, gt=0, description="Added to squared norms in projections.")
     task_vector_scale: float = Field(1.0, gt=0, description="task_vector: theta - s*(theta_ft - theta).")
 
+    @property
+    def uses_rmu(self) -> bool:
+        return "rmu" in (self.forget_loss, self.retain_loss)
+
+    @property
+    def reference_losses(self) -> list[str]:
+        """The chosen losses that need a frozen reference model, as ``kind_loss='name'``."""
+        return [f"{kind}_loss={name!r}" for kind, name in
+                (("forget", self.forget_loss), ("retain", self.retain_loss))
+                if (kind, name) in NEEDS_REFERENCE]
+
 
 class SteeringConfig(Section):
     """RMU steering: layer, coefficient and the parameters that train."""
@@ -100,6 +111,14 @@ class SteeringConfig(Section):
     param_suffix: str = Field("mlp.down_proj.weight",
                               description="Which parameter of each updated layer trains.")
     seed: int = Field(0, description="Seed of the random control vector u.")
+
+    @property
+    def trained_suffixes(self) -> list[str]:
+        """Name endings of the parameters RMU trains, one per updated layer."""
+        return [f"layers.{i}.{self.param_suffix}" for i in self.update_layers]
+
+    def trains(self, name: str) -> bool:
+        return name.endswith(tuple(self.trained_suffixes))
 
 
 class TrainConfig(Section):
@@ -130,6 +149,10 @@ class HardwareConfig(Section):
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
 
 
 class MuseEvalConfig(Section):
@@ -207,13 +230,10 @@ def cross_field_problems(r: Recipe) -> list[str]:
         if alg.forget_loss != "ga" or alg.retain_loss is not None:
             problems.append("algorithm.combiner: task_vector fine-tunes on D_f and subtracts; "
                             "set forget_loss: ga and retain_loss: null")
-    reference_losses = [f"algorithm.{kind}_loss={name!r}" for kind, name in
-                        (("forget", alg.forget_loss), ("retain", alg.retain_loss))
-                        if (kind, name) in NEEDS_REFERENCE]
-    if r.model.reference == "none" and reference_losses:
-        problems.append(f"model.reference: 'none', but {reference_losses[0]} needs a frozen "
-                        "reference model (use 'copy' or a model path)")
-    world = r.hardware.num_processes * r.hardware.num_machines
+    if r.model.reference == "none" and alg.reference_losses:
+        problems.append(f"model.reference: 'none', but algorithm.{alg.reference_losses[0]} needs "
+                        "a frozen reference model (use 'copy' or a model path)")
+    world = r.hardware.world_size
     if r.train.global_batch_size is not None:
         per_pass = r.train.batch_size * world
         if r.train.global_batch_size % per_pass:
@@ -225,7 +245,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
                             f"{r.train.global_batch_size // per_pass}); set only one")
     if alg.retain_loss is not None and r.data.retain is None:
         problems.append(f"data.retain: required by algorithm.retain_loss={alg.retain_loss!r}")
-    if "rmu" in (alg.forget_loss, alg.retain_loss) and r.steering is None:
+    if alg.uses_rmu and r.steering is None:
         problems.append("steering: required by the rmu loss (layer, coeff, update_layers)")
     if r.hardware.strategy == "deepspeed" and alg.combiner in BILEVEL:
         problems.append(f"hardware.strategy: deepspeed shards gradients across ranks and is not "
@@ -254,8 +274,7 @@ def grad_accum(r: Recipe) -> int:
     """Micro-batches per optimizer step: from global_batch_size when given."""
     if r.train.global_batch_size is None:
         return r.train.grad_accum
-    world = r.hardware.num_processes * r.hardware.num_machines
-    return r.train.global_batch_size // (r.train.batch_size * world)
+    return r.train.global_batch_size // (r.train.batch_size * r.hardware.world_size)
 
 
 def per_corpus(value: float | list[float], index: int) -> float:

@@ -22,9 +22,8 @@ import torch
 from blurctl import checkpoint as ckpt
 from blurctl.combine import Weights, combine_
 from blurctl.data import chunk_texts, collate, load_texts
-from blurctl.errors import BlurctlError, InputError
-from blurctl.losses import (FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, needs_reference,
-                            nll)
+from blurctl.errors import BlurctlError
+from blurctl.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, nll
 from blurctl.models import frozen_copy, load_model, load_tokenizer
 from blurctl.preflight import check_model_config
 from blurctl.progress import progress_bar
@@ -65,23 +64,13 @@ def steps_per_epoch(n_forget: int, recipe: Recipe, world: int) -> int:
 
 
 def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
-    """RMU trains only the chosen parameters of the chosen layers; other methods train all."""
-    alg, steer = recipe.algorithm, recipe.steering
-    if "rmu" not in (alg.forget_loss, alg.retain_loss):
-        return
-    n_layers = model.config.num_hidden_layers
-    bad = [i for i in [steer.layer, *steer.update_layers] if i >= n_layers]
-    if bad:
-        raise InputError(f"steering: layer {bad[0]} out of range; the model has {n_layers} "
-                           f"layers (0..{n_layers - 1})")
-    wanted = {f"layers.{i}.{steer.param_suffix}" for i in steer.update_layers}
-    chosen = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name.endswith(w) for w in wanted))
-        chosen += p.requires_grad
-    if chosen != len(wanted):
-        raise InputError(f"steering.param_suffix: {steer.param_suffix!r} matched {chosen} of "
-                           f"{len(wanted)} parameters in layers {steer.update_layers}")
+    """RMU trains only the chosen parameters of the chosen layers; other methods train all.
+
+    ``check_model_config`` has already checked that the layers and parameters exist.
+    """
+    if recipe.algorithm.uses_rmu:
+        for name, p in model.named_parameters():
+            p.requires_grad_(recipe.steering.trains(name))
 
 
 def _make_accelerator(recipe: Recipe):
@@ -164,7 +153,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     check_model_config(recipe)  # from the config alone, before any weights load
     model = load_model(recipe.model, recipe.seed)
     select_trainable(model, recipe)
-    ref = _reference(model, recipe) if needs_reference(alg) else None
+    ref = _reference(model, recipe) if alg.reference_losses else None
     base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                   if alg.combiner == "task_vector" else None)
     contexts = [LossContext(alg, recipe.steering,
