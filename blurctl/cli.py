@@ -51,11 +51,10 @@ def print_table(table: Table) -> None:
 
 def results_table(results: dict) -> Table:
     """Each evaluated model's metrics, with 95% intervals where they were computed."""
-    from blurctl.report import COLUMNS
+    from blurctl.report import COLUMNS, accuracy_keys
 
     models = results.get("models", {})
-    keys = [k for k, _ in COLUMNS] + sorted(
-        {k for s in models.values() for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+    keys = [k for k, _ in COLUMNS] + accuracy_keys(models.values())
     shown = [k for k in keys if any(k in s for s in models.values())]
     table = Table(title="Evaluation (± half-width of the 95% bootstrap interval)")
     table.add_column("model")

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from blurctl.envinfo import environment
-from blurctl.evaluation import evaluate
-from blurctl.errors import BlurctlError, InputError
 import yaml
 
+from blurctl.envinfo import environment
+from blurctl.errors import BlurctlError, InputError
+from blurctl.evaluation import evaluate
+from blurctl.progress import is_main_process
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
 RESOLVED_RECIPE = "recipe.yaml"
 ENVIRONMENT = "environment.json"
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool = False) -> Path:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """True on rank 0 (or outside a distributed launch)."""
     return os.environ.get("RANK", "0") == "0"
 
 
 @contextmanager
 def progress_bar(desc: str, total: int, completed: int = 0) -> Iterator[Callable[..., None]]:
     """Yield ``advance(**fields)``: moves the bar one step and shows ``fields`` beside it."""
-    if not _is_main_process() or os.environ.get("BLURCTL_NO_PROGRESS"):
+    if not is_main_process() or os.environ.get("BLURCTL_NO_PROGRESS"):
         yield lambda **_: None
         return
     if not sys.stderr.isatty():  # logs and pipes: a plain line every tenth of the way

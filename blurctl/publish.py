@@ -17,6 +17,7 @@ import yaml
 
 from blurctl.errors import BlurctlError
 from blurctl.evaluation import RESULTS
+from blurctl.report import accuracy_keys, format_score
 
 STAGE_DIRNAME = "publish"
 RUN_FILES = ("recipe.yaml", "results.json", "environment.json", "train_log.jsonl")
@@ -35,23 +36,23 @@ def _eval_results(results: dict, corpus_name: str):
                                   dataset_type=corpus_name, dataset_name=corpus_name,
                                   metric_type=metric_type, metric_name=name,
                                   metric_value=round(float(scores[key]), 4)))
-    for key, value in scores.items():
-        if key.startswith("acc:") and not key.endswith("_stderr") and isinstance(value, (int, float)):
+    for key in accuracy_keys([scores]):
+        if isinstance(scores[key], (int, float)):
             task = key.removeprefix("acc:")
             out.append(EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
                                   metric_type="accuracy", metric_name=f"{task} accuracy",
-                                  metric_value=round(float(value), 4)))
+                                  metric_value=round(float(scores[key]), 4)))
     return out
 
 
 def _results_table(results: dict) -> str:
     models = results.get("models", {})
     keys = [k for k in METRICS if any(k in s for s in models.values())]
-    keys += sorted({k for s in models.values() for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+    keys += accuracy_keys(models.values())
     lines = ["| model | " + " | ".join(METRICS.get(k, (k,))[0] for k in keys) + " |",
              "| --- |" + " ---: |" * len(keys)]
     for name, scores in models.items():
-        cells = [f"{scores[k]:.2f}" if isinstance(scores.get(k), (int, float)) else "-" for k in keys]
+        cells = [format_score(scores.get(k)) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -41,12 +41,16 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     return list(refs.values()) + rows
 
 
+def accuracy_keys(score_dicts) -> list[str]:
+    """The lm-eval accuracy keys (``acc:<task>``) present in any of ``score_dicts``, sorted."""
+    return sorted({k for s in score_dicts for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+
+
 def metric_keys(rows: list[dict]) -> list[str]:
-    extra = sorted({k for r in rows for k in r if k.startswith("acc:") and not k.endswith("_stderr")})
-    return [k for k, _ in COLUMNS] + extra
+    return [k for k, _ in COLUMNS] + accuracy_keys(rows)
 
 
-def _fmt(value) -> str:
+def format_score(value) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
@@ -56,7 +60,7 @@ def to_markdown(rows: list[dict]) -> str:
     head = ["run", "method", *(titles.get(k, k) for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join([r["run"], r["method"], *(_fmt(r.get(k)) for k in keys)]) + " |")
+        lines.append("| " + " | ".join([r["run"], r["method"], *(format_score(r.get(k)) for k in keys)]) + " |")
     return "\n".join(lines) + "\n"
 
 
