@@ -130,7 +130,6 @@ def _task_vector_loss(model, ref, batch, ctx) -> torch.Tensor:
 
 def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     """Run unlearning as the recipe says; return the folder of the saved model."""
-    import torch.distributed as dist
     from accelerate.utils import set_seed
 
     accelerator = _make_accelerator(recipe)
@@ -289,8 +288,6 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         ckpt.save_model_atomically(accelerator.unwrap_model(model), tokenizer, target, state)
     accelerator.wait_for_everyone()
-    if dist.is_initialized() and fsdp:
-        dist.barrier()
     return target
 
 
@@ -324,9 +321,10 @@ class _StopOnSignal:
         flag = torch.tensor(float(self.name is not None), device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
-        if flag.item() > 0 and self.name is None:
+        signalled = flag.item() > 0  # one host sync
+        if signalled and self.name is None:
             self.name = "a signal on another rank"
-        return flag.item() > 0
+        return signalled
 
     def restore(self) -> None:
         import signal
