@@ -33,6 +33,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
 
     cfg, muse = recipe.eval, recipe.eval.muse
     tokenizer = load_tokenizer(recipe.model, recipe.seed)
+    corpus = Path(resolve(muse.corpus, recipe.seed)) if muse else None
     results: dict[str, dict] = {}
     examples: dict[str, dict] = {}
     for name, path in models_to_evaluate(recipe, model_dir).items():
@@ -40,7 +41,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
         scores: dict = {}
         if muse is not None:
             scores, examples[name] = evaluate_muse(
-                model, tokenizer, Path(resolve(muse.corpus, recipe.seed)),
+                model, tokenizer, corpus,
                 verbmem_tokens=muse.verbmem_max_new_tokens,
                 knowmem_tokens=muse.knowmem_max_new_tokens, batch_size=muse.batch_size,
                 limit=muse.max_examples, bootstrap=cfg.bootstrap)
@@ -58,7 +59,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
             retrained_auc = results["retrained"]["privleak_auc"]
         elif muse.retrained_model:
             model = load_model(recipe.model, recipe.seed, path=muse.retrained_model)
-            retrained_auc = forget_auc(model, tokenizer, Path(resolve(muse.corpus, recipe.seed)),
+            retrained_auc = forget_auc(model, tokenizer, corpus,
                                        muse.batch_size, muse.max_examples)
         if retrained_auc is not None:
             for scores in results.values():

@@ -30,16 +30,16 @@ def _task_manager(cfg: LmEvalConfig, seed: int):
 
 def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str, dict[str, float]]:
     """Accuracy (and its standard error) per task; ``model`` is a module or a checkpoint folder."""
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     manager = _task_manager(cfg, seed)
     if isinstance(model, str):
-        device = "cuda" if _cuda() else "cpu"
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                  device=str(next(model.parameters()).device))
+        device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
     out = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                           limit=cfg.limit, task_manager=manager, log_samples=False,
                           bootstrap_iters=cfg.bootstrap_iters, random_seed=seed,
@@ -52,9 +52,3 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str,
             scores[task] = {"acc": float(res["acc,none"]),
                             "acc_stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
     return scores
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

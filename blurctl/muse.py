@@ -6,8 +6,11 @@ with right padding. Every metric returns its mean and the per-example records.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,29 +44,40 @@ def read_json(root: Path, rel: str) -> list:
     return data
 
 
+@functools.cache
+def _rouge_l() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l_f1(prediction: str, reference: str) -> float:
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return scorer.score(reference, prediction)["rougeL"].fmeasure
+    return _rouge_l().score(reference, prediction)["rougeL"].fmeasure
+
+
+@contextmanager
+def _padding_side(tokenizer, side: str) -> Iterator[None]:
+    """Pad on ``side`` inside the block; the tokenizer's own setting comes back after."""
+    before, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              desc: str = "generating") -> list[str]:
     """Greedy continuations of ``prompts``, batched with left padding."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[str] = []
     device = next(model.parameters()).device
-    try:
-        with progress_bar(desc, total=math.ceil(len(prompts) / batch_size)) as advance:
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                new = out[:, enc["input_ids"].shape[1]:]
-                outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-                advance()
-    finally:
-        tokenizer.padding_side = side
+    with _padding_side(tokenizer, "left"), \
+            progress_bar(desc, total=math.ceil(len(prompts) / batch_size)) as advance:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            advance()
     return outputs
 
 
@@ -92,10 +106,11 @@ def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: i
     """Few-shot QA: mean ROUGE-L F1 x100 of the cut greedy answers."""
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in icl)
     prompts = [f"{shots}Question: {it['question']}\nAnswer: " for it in qa]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
-    examples = [{"prompt": it["question"], "answer": it["answer"], "output": cut_answer(out),
-                 "score": 100 * rouge_l_f1(cut_answer(out), it["answer"])}
-                for it, out in zip(qa, outputs, strict=True)]
+    answers = [cut_answer(out) for out in generate(model, tokenizer, prompts, max_new_tokens,
+                                                    batch_size, desc)]
+    examples = [{"prompt": it["question"], "answer": it["answer"], "output": answer,
+                 "score": 100 * rouge_l_f1(answer, it["answer"])}
+                for it, answer in zip(qa, answers, strict=True)]
     return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
 
 
@@ -103,21 +118,19 @@ def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: i
 def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
                 fraction: float = MINK_FRACTION) -> list[float]:
     """Min-K% membership score per text: minus the mean of its lowest ``fraction`` token log-probs."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
     device = next(model.parameters()).device
-    scores = []
-    try:
+    scores: list[float] = []
+    with _padding_side(tokenizer, "right"):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             logp, mask = token_logprobs(logits, labels)
+            lowest = []
             for row, m in zip(logp, mask, strict=True):
                 vals = row[m].sort().values
-                k = max(1, math.ceil(fraction * len(vals)))
-                scores.append(-vals[:k].mean().item())
-    finally:
-        tokenizer.padding_side = side
+                lowest.append(-vals[: max(1, math.ceil(fraction * len(vals)))].mean())
+            scores += torch.stack(lowest).tolist()  # one host sync per batch
     return scores
 
 
