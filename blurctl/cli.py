@@ -309,6 +309,33 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
     out.print(f"published: {url}")
 
 
+bench_app = typer.Typer(help="The embedded benchmark.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("build")
+def bench_build(dest: Annotated[Path, typer.Argument(
+        help="Empty or new folder to build into.", show_default=False)]) -> None:
+    """Rebuild the embedded benchmark from its seed and compare it with the shipped copy.
+
+    Trains the tokenizer, the target and the retrained model (minutes on 2 CPU cores)
+    and lists every file whose sha256 differs from the one blurctl ships.
+    Example: blurctl bench build /tmp/bench
+    """
+    from blurctl.bench.build import ARTIFACTS, MANIFEST, build, compare_with_shipped
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        _fail(BlurctlError(f"bench build: {dest} exists and is not an empty folder"))
+    dest.mkdir(parents=True, exist_ok=True)
+    build(dest)
+    differ = compare_with_shipped(dest)
+    if not differ:
+        out.print(f"built {dest}: every file matches the shipped benchmark ({ARTIFACTS / MANIFEST})")
+        return
+    out.print(f"built {dest}: {len(differ)} files differ from the shipped benchmark "
+              f"({ARTIFACTS / MANIFEST}): {', '.join(differ)}", markup=False)
+
+
 def _has_references(run_dir: Path) -> bool:
     import json
 

@@ -69,9 +69,9 @@ def _looks_like_hub_id(path: str) -> bool:
             and path.count("/") <= 1)
 
 
-def load_texts(cfg: CorpusConfig, field_name: str, seed: int = 0) -> list[str]:
+def load_texts(cfg: CorpusConfig, field_name: str) -> list[str]:
     """The texts of one corpus; ``field_name`` (e.g. ``data.forget``) names it in errors."""
-    path = resolve(cfg.path, seed)
+    path = resolve(cfg.path)
     local = Path(path)
     if local.is_file():
         if local.suffix not in TEXT_SUFFIXES:
@@ -95,14 +95,19 @@ def load_texts(cfg: CorpusConfig, field_name: str, seed: int = 0) -> list[str]:
     return texts
 
 
-def chunk_texts(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
-    """Tokenize each text and cut it into chunks of at most ``max_len`` tokens (BOS first)."""
+def chunk_texts(texts: list[str], tokenizer, max_len: int, first_only: bool = False) -> list[list[int]]:
+    """Tokenize each text and cut it into chunks of at most ``max_len`` tokens (BOS first).
+
+    ``first_only`` keeps one chunk per text, its beginning: what tokenizing with
+    ``truncation=True, max_length=max_len`` gives, as the WMDP code does.
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = max_len - len(bos)
     chunks = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        chunks += [bos + ids[i:i + body] for i in range(0, len(ids), body)]
+        starts = range(0, len(ids), body)
+        chunks += [bos + ids[i:i + body] for i in (starts[:1] if first_only else starts)]
     return chunks
 
 

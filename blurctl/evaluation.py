@@ -32,12 +32,12 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
     from blurctl.muse import evaluate_muse, forget_auc, privleak
 
     cfg, muse = recipe.eval, recipe.eval.muse
-    tokenizer = load_tokenizer(recipe.model, recipe.seed)
-    corpus = Path(resolve(muse.corpus, recipe.seed)) if muse else None
+    tokenizer = load_tokenizer(recipe.model)
+    corpus = Path(resolve(muse.corpus)) if muse else None
     results: dict[str, dict] = {}
     examples: dict[str, dict] = {}
     for name, path in models_to_evaluate(recipe, model_dir).items():
-        model = load_model(recipe.model, recipe.seed, path=path)
+        model = load_model(recipe.model, path=path)
         scores: dict = {}
         if muse is not None:
             scores, examples[name] = evaluate_muse(
@@ -58,7 +58,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
         if "retrained" in results:
             retrained_auc = results["retrained"]["privleak_auc"]
         elif muse.retrained_model:
-            model = load_model(recipe.model, recipe.seed, path=muse.retrained_model)
+            model = load_model(recipe.model, path=muse.retrained_model)
             retrained_auc = forget_auc(model, tokenizer, corpus,
                                        muse.batch_size, muse.max_examples)
         if retrained_auc is not None:

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on an in-memory model or a saved checkpoint (SPEC §5)."""
+"""lm-evaluation-harness on an in-memory model or a saved checkpoint (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from blurctl.errors import InputError
 from blurctl.recipe import LmEvalConfig
 
 
-def _task_manager(cfg: LmEvalConfig, seed: int):
+def _task_manager(cfg: LmEvalConfig):
     from lm_eval.tasks import TaskManager
 
-    include = resolve(cfg.include_path, seed) if cfg.include_path else None
+    include = resolve(cfg.include_path) if cfg.include_path else None
     if include is not None and not os.path.isdir(include):
         raise InputError(f"eval.lm_eval.include_path: {include}: no such folder")
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
@@ -34,7 +34,7 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = _task_manager(cfg, seed)
+    manager = _task_manager(cfg)
     if isinstance(model, str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from blurctl.models import decoder_layers
 from blurctl.recipe import AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
@@ -104,10 +105,23 @@ def klr(model, ref, batch, ctx) -> torch.Tensor:
 
 
 def hidden_at(model: torch.nn.Module, batch: Batch, layer: int) -> torch.Tensor:
-    """Output of decoder layer ``layer`` (0-based) for every token."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True)
-    return out.hidden_states[layer + 1]
+    """Output of decoder layer ``layer`` (0-based) itself, for every token.
+
+    Read with a forward hook on the layer, as the WMDP code does. ``hidden_states[l + 1]``
+    would differ at the last layer, where transformers returns the output after the
+    final norm.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output) -> None:  # noqa: ARG001 (hook signature)
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(keep)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -13,10 +13,10 @@ from blurctl.recipe import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(cfg: ModelConfig, seed: int = 0, padding_side: str = "right"):
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    source = resolve(cfg.tokenizer or cfg.path, seed)
+    source = resolve(cfg.tokenizer or cfg.path)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
@@ -29,11 +29,11 @@ def load_tokenizer(cfg: ModelConfig, seed: int = 0, padding_side: str = "right")
     return tok
 
 
-def load_model(cfg: ModelConfig, seed: int = 0, path: str | None = None) -> torch.nn.Module:
+def load_model(cfg: ModelConfig, path: str | None = None) -> torch.nn.Module:
     """The causal LM named by ``cfg`` (or by ``path`` when given, e.g. a checkpoint)."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve(path or cfg.path, seed)
+    source = resolve(path or cfg.path)
     if cfg.trust_remote_code:
         warnings.warn(f"model.trust_remote_code is on: code from {source!r} will run",
                       stacklevel=2)
@@ -45,6 +45,23 @@ def load_model(cfg: ModelConfig, seed: int = 0, path: str | None = None) -> torc
         raise InputError(f"model.path: cannot load model from {source!r} "
                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers, found from transformers' own metadata.
+
+    The list whose items are of a class the model names in ``_no_split_modules`` (the
+    blocks that must stay whole on one device); this works for every architecture that
+    declares it, through DDP and FSDP2 wrappers (FSDP2 subclasses the layer's class).
+    """
+    inner = getattr(model, "module", model)
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    for module in inner.modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) > 0
+                and any(c.__name__ in names for c in type(module[0]).__mro__)):
+            return module
+    raise InputError(f"model: cannot find the decoder layers of {type(inner).__name__} "
+                     "(it declares no _no_split_modules)")
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,10 @@
-"""MUSE metrics (SPEC §4): VerbMem_f, KnowMem_f, KnowMem_r and PrivLeak.
+"""MUSE metrics (docs/method.md, "Evaluation"): VerbMem_f, KnowMem_f, KnowMem_r, PrivLeak.
 
-Generation is greedy and batched with left padding; scoring (Min-K%) is batched
-with right padding. Every metric returns its mean and the per-example records.
+Each rule follows MUSE's own evaluation code (muse_bench ``metrics/``), conventions
+included, so the numbers compare with published tables. Generation is greedy and
+batched with left padding; Min-K% scoring is batched with right padding; both give
+what MUSE's one-text-at-a-time loops give. Every metric returns its mean and the
+per-example records that ``eval_examples.json`` keeps for recomputation.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from blurctl.losses import token_logprobs
 from blurctl.progress import progress_bar
 
 MINK_FRACTION = 0.4
-PUBLISHED_RETRAINED_AUC = {"news": 0.4772, "books": 0.5393}
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
 
 
 @dataclass
@@ -53,6 +56,15 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
     return _rouge_l().score(reference, prediction)["rougeL"].fmeasure
 
 
+def decode(tokenizer, ids) -> str:
+    """Decode as MUSE does: special tokens skipped, tokenization spaces cleaned up.
+
+    MUSE passes ``clean_up_tokenization_spaces=True``; transformers 5 ignores that flag
+    for BPE tokenizers (Llama's among them), so the clean-up is applied here explicitly.
+    """
+    return tokenizer.clean_up_tokenization(tokenizer.decode(ids, skip_special_tokens=True))
+
+
 @contextmanager
 def _padding_side(tokenizer, side: str) -> Iterator[None]:
     """Pad on ``side`` inside the block; the tokenizer's own setting comes back after."""
@@ -75,30 +87,42 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            outputs += [decode(tokenizer, row) for row in out[:, enc["input_ids"].shape[1]:]]
             advance()
     return outputs
 
 
-def verbmem(model, tokenizer, items: list[dict], max_new_tokens: int, batch_size: int) -> MetricResult:
-    """ROUGE-L F1 x100 of greedy continuations against the ground truth cut to the same length."""
-    outputs = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens,
-                       batch_size, "VerbMem_f")
-    examples = []
-    for it, out in zip(items, outputs, strict=True):
-        gt_ids = tokenizer(it["gt"], add_special_tokens=False)["input_ids"][:max_new_tokens]
-        gt = tokenizer.decode(gt_ids, skip_special_tokens=True)
-        examples.append({"prompt": it["prompt"], "answer": gt, "output": out,
-                         "score": 100 * rouge_l_f1(out, gt)})
+def verbmem_reference(tokenizer, gt: str, max_new_tokens: int) -> str:
+    """The ground truth as MUSE scores it: tokenized *with* special tokens (a BOS takes a
+    slot), cut to ``max_new_tokens`` ids, decoded without special tokens."""
+    return decode(tokenizer, tokenizer(gt, add_special_tokens=True)["input_ids"][:max_new_tokens])
+
+
+def _record(prompt: str, reference: str, raw: str, output: str, **extra) -> dict:
+    return {**extra, "prompt": prompt, "reference": reference, "raw_output": raw,
+            "output": output, "score": 100 * rouge_l_f1(output, reference)}
+
+
+def _mean_score(examples: list[dict]) -> MetricResult:
     return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
 
 
+def verbmem(model, tokenizer, items: list[dict], max_new_tokens: int, batch_size: int) -> MetricResult:
+    """ROUGE-L F1 x100 of greedy continuations against the ground truth cut to the same length."""
+    prompts = [it["prompt"] for it in items]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, "VerbMem_f")
+    return _mean_score([_record(p, verbmem_reference(tokenizer, it["gt"], max_new_tokens), out, out,
+                                gt=it["gt"]) for p, it, out in zip(prompts, items, outputs, strict=True)])
+
+
 def cut_answer(text: str) -> str:
-    """An answer ends at the first blank line or the next "Question"."""
-    for stop in ("\n\n", "Question"):
-        text = text.split(stop, 1)[0]
-    return text.strip()
+    """MUSE's answer cut: everything before the first of "\\n\\n", "\\nQuestion", "Question:".
+
+    Nothing else is removed (MUSE does not strip; ROUGE-L ignores the whitespace anyway).
+    """
+    for stop in KNOWMEM_STOPS:
+        text = text.split(stop)[0]
+    return text
 
 
 def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: int,
@@ -106,18 +130,17 @@ def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: i
     """Few-shot QA: mean ROUGE-L F1 x100 of the cut greedy answers."""
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in icl)
     prompts = [f"{shots}Question: {it['question']}\nAnswer: " for it in qa]
-    answers = [cut_answer(out) for out in generate(model, tokenizer, prompts, max_new_tokens,
-                                                    batch_size, desc)]
-    examples = [{"prompt": it["question"], "answer": it["answer"], "output": answer,
-                 "score": 100 * rouge_l_f1(answer, it["answer"])}
-                for it, answer in zip(qa, answers, strict=True)]
-    return MetricResult(sum(e["score"] for e in examples) / len(examples), examples)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
+    return _mean_score([_record(p, it["answer"], out, cut_answer(out), question=it["question"])
+                        for p, it, out in zip(prompts, qa, outputs, strict=True)])
 
 
 @torch.no_grad()
 def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
                 fraction: float = MINK_FRACTION) -> list[float]:
-    """Min-K% membership score per text: minus the mean of its lowest ``fraction`` token log-probs."""
+    """Min-K% score per text as MUSE computes it: the log-probs of tokens 1..n of the
+    BOS-encoded text, the lowest ``int(fraction * n)`` of them (at least one), averaged
+    and negated. Higher means less likely under the model."""
     device = next(model.parameters()).device
     scores: list[float] = []
     with _padding_side(tokenizer, "right"):
@@ -129,8 +152,8 @@ def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
             lowest = []
             for row, m in zip(logp, mask, strict=True):
                 vals = row[m].sort().values
-                lowest.append(-vals[: max(1, math.ceil(fraction * len(vals)))].mean())
-            scores += torch.stack(lowest).tolist()  # one host sync per batch
+                lowest.append(-vals[: max(1, int(fraction * len(vals)))].mean())
+            scores += torch.stack(lowest).double().tolist()  # one host sync per batch
     return scores
 
 
@@ -161,19 +184,21 @@ def auc_ci(forget: list[float], holdout: list[float], resamples: int,
 
 
 def membership_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
-    """AUC of Min-K% separating holdout (positive) from forget texts.
+    """MUSE's privleak AUC: forget texts labelled 0, holdout texts 1, ROC over the
+    *negated* Min-K% scores (``roc_curve(y, -scores)`` in MUSE's code).
 
     Memorised forget texts score lower than unseen ones, so a model that still
-    remembers D_f gives an AUC near 1 and a model that never saw it about 0.5.
+    remembers D_f gives an AUC near 0 and a model that never saw it about 0.5.
     """
     from sklearn.metrics import roc_auc_score
 
     labels = [0] * len(forget_scores) + [1] * len(holdout_scores)
-    return float(roc_auc_score(labels, forget_scores + holdout_scores))
+    return float(roc_auc_score(labels, [-s for s in forget_scores + holdout_scores]))
 
 
 def privleak(auc: float, retrained_auc: float) -> float:
-    """(AUC - AUC_retrained) / AUC_retrained x100: ~0 is ideal, positive = under-unlearned."""
+    """(AUC - AUC_retrained) / AUC_retrained x100: ~0 is ideal; large negative means
+    under-unlearned (D_f still looks memorised), large positive over-unlearned."""
     return (auc - retrained_auc) / retrained_auc * 100
 
 
@@ -188,6 +213,14 @@ def membership_scores(model, tokenizer, corpus: Path, batch_size: int,
 
 def forget_auc(model, tokenizer, corpus: Path, batch_size: int, limit: int | None) -> float:
     return membership_auc(*membership_scores(model, tokenizer, corpus, batch_size, limit))
+
+
+def privleak_records(corpus: Path, limit: int | None, forget: list[float],
+                     holdout: list[float]) -> dict[str, list[dict]]:
+    """Per-text Min-K% scores of the privleak forget and holdout texts, with the texts."""
+    return {split: [{"text": t, "mink": s} for t, s in zip(
+                read_json(corpus, f"privleak/{split}.json")[:limit], scores, strict=True)]
+            for split, scores in (("forget", forget), ("holdout", holdout))}
 
 
 def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
@@ -211,4 +244,5 @@ def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
             scores[f"{name}_ci"] = bootstrap_ci([e["score"] for e in result.examples], bootstrap)
         scores["privleak_auc_ci"] = auc_ci(forget, holdout, bootstrap)
     return scores, {"verbmem_f": vm.examples, "knowmem_f": kf.examples,
-                    "knowmem_r": kr.examples}
+                    "knowmem_r": kr.examples,
+                    "privleak": privleak_records(corpus, limit, forget, holdout)}

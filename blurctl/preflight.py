@@ -82,7 +82,7 @@ def load_config(recipe: Recipe):
     """The model's config (no weights), or InputError naming ``model.path``."""
     from transformers import AutoConfig
 
-    source = resolve(recipe.model.path, recipe.seed)
+    source = resolve(recipe.model.path)
     try:
         return AutoConfig.from_pretrained(source, revision=recipe.model.revision,
                                           trust_remote_code=recipe.model.trust_remote_code)
@@ -132,17 +132,17 @@ def run_preflight(recipe: Recipe) -> Preflight:
         ("data.retain", c) for c in (recipe.data.retain or [])]
     real = {}
     for name, corpus in corpora:
-        texts = check(name, lambda c=corpus, n=name: load_texts(c, n, recipe.seed))
+        texts = check(name, lambda c=corpus, n=name: load_texts(c, n))
         if texts is not None:
             report.notes.append(f"{name} {corpus.path}: {len(texts)} texts")
-        local = Path(resolve(corpus.path, recipe.seed))
+        local = Path(resolve(corpus.path))
         if local.exists():
             real.setdefault(local.resolve(), []).append(name)
     for names in real.values():
         if {"data.forget", "data.retain"} <= set(names):
             report.problems.append("data.retain: the same file as data.forget")
 
-    check("model.tokenizer", lambda: load_tokenizer(recipe.model, recipe.seed))
+    check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
     if config is None:
         return report

@@ -91,7 +91,8 @@ retain loss `{alg.get("retain_loss")}`), made with blurctl.
 {_results_table(results)}
 
 VerbMem_f, KnowMem_f: lower means less of the forget set remains. KnowMem_r: utility,
-higher is better. PrivLeak: near 0 is ideal.
+higher is better. PrivLeak (MUSE's convention): near 0 is ideal; large negative means
+the forget set still looks memorised (under-unlearned), large positive over-unlearned.
 
 ## Recipe
 

@@ -16,9 +16,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PositiveInt = Field(gt=0)
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -43,6 +40,8 @@ class CorpusConfig(Section):
     split: str = "train"
     name: str | None = Field(None, description="Hub dataset configuration name.")
     max_examples: int | None = Field(None, gt=0)
+    max_len: int | None = Field(None, gt=1, description="Tokens per chunk for this corpus "
+                                                        "(default: data.max_len).")
 
     @model_validator(mode="before")
     @classmethod
@@ -60,7 +59,11 @@ class DataConfig(Section):
 
     forget: list[CorpusConfig] = Field(min_length=1)
     retain: list[CorpusConfig] | None = Field(None, min_length=1)
-    max_len: int = Field(2048, gt=0, description="Tokens per training chunk.")
+    max_len: int = Field(2048, gt=1, description="Tokens per training chunk (BOS included).")
+    truncate: bool = Field(False, description="Keep only the first chunk of each document (as "
+                                              "the WMDP code does) instead of all its chunks.")
+    shuffle: bool = Field(True, description="Draw batches from a seeded permutation each epoch; "
+                                            "false: in file order (as the WMDP code does).")
 
     @field_validator("forget", "retain", mode="before")
     @classmethod
@@ -76,14 +79,17 @@ NEEDS_REFERENCE = {("forget", "npo"), ("retain", "klr"), ("retain", "rmu")}
 
 
 class AlgorithmConfig(Section):
-    """Losses and how their gradients are combined (SPEC §2, §3)."""
+    """Losses and how their gradients are combined (docs/method.md)."""
 
     forget_loss: ForgetLoss = "npo"
     retain_loss: RetainLoss | None = "gdr"
     combiner: Combiner = "blur"
-    forget_weight: float = Field(1.0, ge=0, description="w_f; MUSE's gamma.")
+    forget_weight: float = Field(
+        1.0, ge=0, description="w_f, the weight of the forget gradient. MUSE's gamma for blur "
+                               "(BLO_forget_lower); 1 in MUSE's blur_upper and penalty.")
     retain_weight: float | list[float] = Field(
-        1.0, description="w_r; WMDP's alpha (one per forget corpus, or one for all).")
+        1.0, description="w_r, the weight of the retain gradient (one per forget corpus, or one "
+                         "for all). WMDP's alpha for blur; MUSE's gamma for blur_upper and penalty.")
     beta: float = Field(0.1, gt=0, description="Inverse temperature of NPO/SimNPO.")
     delta: float = Field(0.0, description="SimNPO margin.")
     eps: float = Field(1e-12, gt=0, description="Added to squared norms in projections.")
@@ -128,6 +134,7 @@ class TrainConfig(Section):
     batch_size: int = Field(4, gt=0, description="Per-device micro-batch size.")
     grad_accum: int = Field(1, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon (the WMDP code uses 1e-6).")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -156,7 +163,7 @@ class HardwareConfig(Section):
 
 
 class MuseEvalConfig(Section):
-    """MUSE metrics (SPEC §4) on a corpus in MUSE's layout."""
+    """MUSE metrics (docs/method.md) on a corpus in MUSE's layout."""
 
     corpus: str = Field(description="Folder in MUSE's layout, or 'embedded:corpus'.")
     retrained_model: str | None = Field(None, description="Model trained without D_f.")
@@ -169,7 +176,7 @@ class MuseEvalConfig(Section):
 
 
 class LmEvalConfig(Section):
-    """Zero-shot multiple choice through lm-evaluation-harness (SPEC §5)."""
+    """Zero-shot multiple choice through lm-evaluation-harness (docs/method.md)."""
 
     tasks: list[str] = Field(min_length=1, description="e.g. [wmdp_bio, wmdp_cyber, mmlu].")
     include_path: str | None = Field(None, description="Folder of extra task YAMLs.")
@@ -211,7 +218,8 @@ class Recipe(Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     container: ContainerConfig = Field(default_factory=ContainerConfig)
     output_dir: str = "runs/latest"
-    seed: int = 0
+    seed: int = Field(0, description="Training seed (batch order, initialisation); the embedded "
+                                     "benchmark does not depend on it.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:

@@ -24,7 +24,7 @@ from blurctl.combine import Weights, combine_
 from blurctl.data import chunk_texts, collate, load_texts
 from blurctl.errors import BlurctlError
 from blurctl.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, nll
-from blurctl.models import frozen_copy, load_model, load_tokenizer
+from blurctl.models import decoder_layers, frozen_copy, load_model, load_tokenizer
 from blurctl.preflight import check_model_config
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, grad_accum, per_corpus
@@ -42,6 +42,7 @@ class BatchPlan:
     world: int
     rank: int
     seed: int
+    shuffle: bool = True
 
     def indices(self, position: int) -> list[int]:
         """Indices of this rank's slice of global micro-batch number ``position``."""
@@ -54,6 +55,8 @@ class BatchPlan:
         return out
 
     def _perm(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.size, generator=gen).tolist()
 
@@ -86,7 +89,7 @@ def _optimizer(params: list[torch.nn.Parameter], recipe: Recipe, total_steps: in
 
     tr = recipe.train
     if tr.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+        opt = torch.optim.AdamW(params, lr=tr.lr, eps=tr.adam_eps, weight_decay=tr.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=tr.lr, weight_decay=tr.weight_decay)
     name = "constant_with_warmup" if tr.scheduler == "constant" else tr.scheduler
@@ -98,7 +101,7 @@ def _shard_fsdp(model: torch.nn.Module) -> None:
     """Shard each decoder layer and the root with torch FSDP2 (``fully_shard``)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
 
@@ -120,7 +123,7 @@ def _reference(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """The frozen pi_ref: a copy of the starting model, or the model at ``model.reference``."""
     if recipe.model.reference == "copy":
         return frozen_copy(model)
-    return frozen_copy(load_model(recipe.model, recipe.seed, path=recipe.model.reference))
+    return frozen_copy(load_model(recipe.model, path=recipe.model.reference))
 
 
 def _task_vector_loss(model, ref, batch, ctx) -> torch.Tensor:
@@ -138,11 +141,11 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     fsdp = recipe.hardware.strategy == "fsdp" and world > 1
 
-    tokenizer = load_tokenizer(recipe.model, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model)
 
     def chunks(corpora, field: str) -> list[list[list[int]]]:
-        return [chunk_texts(load_texts(c, f"{field}.{i}" if len(corpora) > 1 else field,
-                                       recipe.seed), tokenizer, recipe.data.max_len)
+        return [chunk_texts(load_texts(c, f"{field}.{i}" if len(corpora) > 1 else field),
+                            tokenizer, c.max_len or recipe.data.max_len, recipe.data.truncate)
                 for i, c in enumerate(corpora)]
 
     forget_sets = chunks(recipe.data.forget, "data.forget")
@@ -150,7 +153,7 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     n_corpora = len(forget_sets)
 
     check_model_config(recipe)  # from the config alone, before any weights load
-    model = load_model(recipe.model, recipe.seed)
+    model = load_model(recipe.model)
     select_trainable(model, recipe)
     ref = _reference(model, recipe) if alg.reference_losses else None
     base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -183,9 +186,10 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
         if start >= total:
             accelerator.print(f"resume: run already finished at step {start}")
 
-    forget_plans = [BatchPlan(len(f), tr.batch_size, world, rank, recipe.seed + 1000 * c)
+    shuffle = recipe.data.shuffle
+    forget_plans = [BatchPlan(len(f), tr.batch_size, world, rank, recipe.seed + 1000 * c, shuffle)
                     for c, f in enumerate(forget_sets)]
-    retain_plans = [BatchPlan(len(r), tr.batch_size, world, rank, recipe.seed + 1000 * c + 1)
+    retain_plans = [BatchPlan(len(r), tr.batch_size, world, rank, recipe.seed + 1000 * c + 1, shuffle)
                     for c, r in enumerate(retain_sets)]
     forget_fn = _task_vector_loss if alg.combiner == "task_vector" else FORGET_LOSSES[alg.forget_loss]
     retain_fn = RETAIN_LOSSES[alg.retain_loss] if alg.retain_loss else None

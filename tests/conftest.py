@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The embedded benchmark, built once (about 2 minutes on 2 cores) and cached."""
+    """The embedded benchmark, set up once from the shipped, checksummed copy."""
     from blurctl.bench.build import ensure_benchmark
 
     return ensure_benchmark()

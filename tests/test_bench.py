@@ -1,7 +1,12 @@
-"""The embedded benchmark: deterministic, in MUSE's layout, and a model that memorised it."""
+"""The embedded benchmark: deterministic, in MUSE's layout, shipped checksummed, and a
+model that memorised it."""
 
 import json
+import shutil
 
+import pytest
+
+from blurctl.bench import build as bench
 from blurctl.bench.build import bench_dir, ensure_benchmark, resolve
 from blurctl.bench.corpus import make_split, write_muse_layout
 
@@ -56,3 +61,41 @@ def test_built_benchmark_has_models_that_memorised_forget(embedded):
     retrained = AutoModelForCausalLM.from_pretrained(root / "retrained")
     assert knowmem(target, tok, qa, icl, 16, 20, "t").score > 50
     assert knowmem(retrained, tok, qa, icl, 16, 20, "r").score < 30
+
+
+def test_the_set_up_benchmark_is_the_shipped_one_whatever_the_recipe_seed(embedded):
+    from blurctl.recipe import load_recipe
+
+    from helpers import DEMO
+
+    shipped = bench.read_manifest(bench.ARTIFACTS / bench.MANIFEST)
+    assert bench.checksums(embedded).items() >= shipped.items()
+    for seed in (0, 7):
+        recipe = load_recipe(DEMO, [f"seed={seed}"])
+        assert resolve(recipe.model.path) == str(embedded / "target")
+        assert resolve(recipe.eval.muse.corpus) == str(embedded / "corpus")
+
+
+def test_a_corrupted_shipped_file_is_refused_and_nothing_is_set_up(tmp_path, monkeypatch):
+    from blurctl.errors import BlurctlError
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(bench.ARTIFACTS, artifacts)
+    weights = artifacts / "target" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(bench, "ARTIFACTS", artifacts)
+    monkeypatch.setenv("BLURCTL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(BlurctlError, match=r"target/model.safetensors does not match its checksum"):
+        ensure_benchmark()
+    assert not bench_dir().exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{bench_dir().name}.lock"]
+
+
+def test_compare_with_shipped_names_the_files_that_differ(tmp_path):
+    shutil.copytree(bench.ARTIFACTS, tmp_path / "b")
+    assert bench.compare_with_shipped(tmp_path / "b") == []
+    (tmp_path / "b" / "corpus" / "raw" / "forget.txt").write_text("other")
+    (tmp_path / "b" / "extra.txt").write_text("x")
+    assert bench.compare_with_shipped(tmp_path / "b") == ["corpus/raw/forget.txt", "extra.txt"]

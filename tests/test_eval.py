@@ -1,7 +1,6 @@
-"""MUSE metrics (SPEC §4), lm-eval, and the eval command."""
+"""MUSE metrics (docs/method.md), lm-eval, and the eval command."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -44,9 +43,23 @@ def test_rouge_and_cut_rules():
     assert rouge_l_f1("Golden Compass", "Golden Compass") == 1.0
     assert rouge_l_f1("a b", "a c") == pytest.approx(0.5)
     assert rouge_l_f1("", "x") == 0.0
-    assert cut_answer(" Blue Heron\n\nQuestion: next") == "Blue Heron"
-    assert cut_answer("1996 Question: what") == "1996"
+    assert cut_answer(" Blue Heron\n\nQuestion: next") == " Blue Heron"
+    assert cut_answer("1996\nQuestion what") == "1996"
+    assert cut_answer("1996 Question: what") == "1996 "
     assert cut_answer("Jade Anchor\nmore") == "Jade Anchor\nmore"
+    # a bare "Question" inside an answer is part of it (MUSE cuts only at the three stops)
+    assert cut_answer("the Question Mark prize") == "the Question Mark prize"
+
+
+def test_verbmem_reference_keeps_the_bos_slot(target):
+    from blurctl.muse import verbmem_reference
+
+    _, tok = target
+    gt = "A somewhat longer text with more tokens in it, to cut somewhere."
+    ids = tok(gt, add_special_tokens=False)["input_ids"]
+    assert tok(gt)["input_ids"][0] == tok.bos_token_id
+    # 5 slots: the BOS takes one, so 4 ids of the text remain
+    assert verbmem_reference(tok, gt, 5) == tok.decode(ids[:4])
 
 
 def test_mink_matches_hand_computation(target):
@@ -58,16 +71,21 @@ def test_mink_matches_hand_computation(target):
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
         per_token = logp.gather(1, ids[0, 1:, None])[:, 0].sort().values
-        k = math.ceil(0.4 * len(per_token))
+        k = max(1, int(0.4 * len(per_token)))  # MUSE: int(len * ratio), floor
         assert score == pytest.approx(-per_token[:k].mean().item(), rel=1e-4)
 
 
 def test_auc_orientation_and_intervals():
     members, unseen = [0.1, 0.2, 0.3], [1.0, 1.1, 1.2]
-    assert membership_auc(members, unseen) == 1.0  # memorised: positive PrivLeak
-    assert membership_auc(unseen, members) == 0.0
+    # MUSE: a model that memorised D_f (low Min-K% on forget texts) has AUC near 0
+    assert membership_auc(members, unseen) == 0.0
+    assert membership_auc(unseen, members) == 1.0
     assert membership_auc([0.5, 0.7], [0.5, 0.7]) == 0.5
     assert privleak(0.75, 0.5) == pytest.approx(50.0)
+    # with MUSE's published News retrained AUC, a fully memorising model is about -100
+    # and a model identical to the retrained one is exactly 0
+    assert privleak(membership_auc(members, unseen), 0.4772) == pytest.approx(-100.0)
+    assert privleak(0.4772, 0.4772) == 0.0
     ci = bootstrap_ci([10.0, 20.0, 30.0, 40.0], 500)
     assert ci[0] <= 25.0 <= ci[1] and ci == bootstrap_ci([10.0, 20.0, 30.0, 40.0], 500)
     assert bootstrap_ci([1.0, 2.0], 0) is None

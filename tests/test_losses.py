@@ -98,3 +98,31 @@ def test_klr_is_zero_at_reference_and_matches_by_hand_kl(model, batch):
         kls += (p * (p.log() - q.log())).sum(-1).tolist()
     assert got > 0
     assert got == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_rmu_reads_the_decoder_layer_output_itself(model, batch, layer):
+    """RMU's activations are the output of decoder layer l (as the WMDP code hooks it):
+    at the last layer that is *before* the final norm, unlike ``hidden_states[-1]``."""
+    import copy
+
+    from blurctl.losses import rmu_forget
+    from blurctl.recipe import SteeringConfig
+
+    control = torch.rand(32, generator=torch.Generator().manual_seed(3))
+    control /= control.norm()
+    ctx = LossContext(AlgorithmConfig(), SteeringConfig(layer=layer, update_layers=[layer]),
+                      control, 6.5)
+    got = rmu_forget(model, None, batch, ctx).item()
+
+    def mse_at(m, index):
+        states = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"].bool()
+        return ((states[index].double() - 6.5 * control) ** 2).mean(-1)[mask].mean().item()
+
+    no_final_norm = copy.deepcopy(model)
+    no_final_norm.model.norm = torch.nn.Identity()  # hidden_states[l + 1] is then layer l's output
+    assert got == pytest.approx(mse_at(no_final_norm, layer + 1), rel=1e-5)
+    if layer == model.config.num_hidden_layers - 1:
+        assert got != pytest.approx(mse_at(model, -1), rel=1e-2)  # not after the final norm

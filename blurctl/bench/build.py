@@ -1,14 +1,19 @@
-"""Build and cache the embedded benchmark: corpus, tokenizer, target and retrained models.
+"""The embedded benchmark: corpus, tokenizer, target and retrained models.
 
-Everything is derived from one seed, deterministically, and written once under
-``cache_root()/embedded-v{VERSION}-seed{seed}``; later calls reuse it. The build
-writes into a temporary folder and renames it into place, so an interrupted build
-never leaves a half-made benchmark behind.
+It ships with blurctl, built and checksummed (``artifacts/`` beside this file, listed
+in ``MANIFEST.sha256``), so every machine starts from the same weights: the build
+trains two models, and training on another CPU gives other floats. ``blurctl bench
+build`` rebuilds it from its seed and compares the result with the shipped files.
+First use copies the shipped files into ``cache_root()/embedded-v{VERSION}`` (where
+the lm-eval task files, which need absolute paths, are written too), checking every
+checksum; an install without them builds instead. Both write into a temporary folder
+and rename it into place, so an interrupted set-up never leaves half a benchmark.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -18,15 +23,19 @@ from pathlib import Path
 import torch
 
 from blurctl.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
+from blurctl.errors import BlurctlError
 from blurctl.progress import progress_bar
 
 VERSION = 4
+BENCH_SEED = 0  # the benchmark's identity; a recipe's training seed never changes it
 EMBEDDED_PREFIX = "embedded:"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+MANIFEST = "MANIFEST.sha256"
 
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """Sizes of the embedded benchmark; the defaults run in a few minutes on 2 CPU cores."""
+    """Sizes of the embedded benchmark; the defaults build in a few minutes on 2 CPU cores."""
 
     entities_per_split: int = 16
     vocab_size: int = 768
@@ -39,24 +48,50 @@ class BenchSpec:
 
 
 def cache_root() -> Path:
-    """Where built artefacts live: ``$BLURCTL_CACHE`` or ``~/.cache/blurctl``."""
+    """Where the benchmark is set up: ``$BLURCTL_CACHE`` or ``~/.cache/blurctl``."""
     return Path(os.environ.get("BLURCTL_CACHE", Path.home() / ".cache" / "blurctl"))
 
 
-def bench_dir(seed: int = 0) -> Path:
-    return cache_root() / f"embedded-v{VERSION}-seed{seed}"
+def bench_dir() -> Path:
+    return cache_root() / f"embedded-v{VERSION}"
 
 
-def resolve(ref: str, seed: int = 0) -> str:
-    """Map ``embedded:<relative path>`` to a file in the (built) benchmark; pass others through."""
+def resolve(ref: str) -> str:
+    """Map ``embedded:<relative path>`` to a file in the benchmark; pass others through."""
     if not ref.startswith(EMBEDDED_PREFIX):
         return ref
-    return str(ensure_benchmark(seed) / ref[len(EMBEDDED_PREFIX):])
+    return str(ensure_benchmark() / ref[len(EMBEDDED_PREFIX):])
 
 
-def ensure_benchmark(seed: int = 0, spec: BenchSpec = BenchSpec()) -> Path:
-    """Return the benchmark folder for ``seed``, building it first if it is missing."""
-    final = bench_dir(seed)
+def checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (its manifest excluded), by relative path."""
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    lines = (ln.split("  ", 1) for ln in path.read_text().splitlines() if ln.strip())
+    return {name: digest for digest, name in lines}
+
+
+def write_manifest(root: Path) -> None:
+    (root / MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in checksums(root).items()))
+
+
+def _copy_shipped(dest: Path) -> None:
+    """Copy the shipped artifacts into ``dest`` and check them against their manifest."""
+    shutil.copytree(ARTIFACTS, dest, dirs_exist_ok=True)
+    expected, found = read_manifest(ARTIFACTS / MANIFEST), checksums(dest)
+    bad = sorted(n for n in expected if found.get(n) != expected[n])
+    if bad:
+        raise BlurctlError(f"embedded benchmark: {ARTIFACTS / bad[0]} does not match its "
+                           f"checksum in {MANIFEST} (reinstall blurctl, or rebuild it with: "
+                           "blurctl bench build)")
+
+
+def ensure_benchmark(spec: BenchSpec = BenchSpec()) -> Path:
+    """Return the benchmark folder, setting it up first (shipped copy, or a build)."""
+    final = bench_dir()
     if (final / "READY").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +100,10 @@ def ensure_benchmark(seed: int = 0, spec: BenchSpec = BenchSpec()) -> Path:
         if not (final / "READY").exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
             try:
-                _build(tmp, seed, spec)
+                if (ARTIFACTS / MANIFEST).is_file():
+                    _copy_shipped(tmp)
+                else:
+                    build(tmp, BENCH_SEED, spec)
                 write_lm_eval_tasks(tmp / "lm_eval_tasks", final / "corpus" / "mcq")
                 (tmp / "READY").write_text("ok\n")
                 if final.exists():
@@ -74,6 +112,13 @@ def ensure_benchmark(seed: int = 0, spec: BenchSpec = BenchSpec()) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def compare_with_shipped(root: Path) -> list[str]:
+    """Files of the benchmark built in ``root`` whose checksum differs from the shipped one."""
+    shipped = read_manifest(ARTIFACTS / MANIFEST) if (ARTIFACTS / MANIFEST).is_file() else {}
+    built = checksums(root)
+    return sorted(n for n in set(shipped) | set(built) if shipped.get(n) != built.get(n))
 
 
 LM_EVAL_TASK = """task: {name}
@@ -108,7 +153,8 @@ def write_lm_eval_tasks(folder: Path, mcq: Path) -> None:
             LM_EVAL_TASK.format(name=name, data=(mcq / f"{tag}.jsonl").resolve()))
 
 
-def _build(root: Path, seed: int, spec: BenchSpec) -> None:
+def build(root: Path, seed: int = BENCH_SEED, spec: BenchSpec = BenchSpec()) -> None:
+    """Generate the corpus, train the tokenizer and both models into ``root``; write the manifest."""
     split = make_split(spec.entities_per_split, seed)
     corpus = root / "corpus"
     write_muse_layout(split, corpus)
@@ -121,6 +167,7 @@ def _build(root: Path, seed: int, spec: BenchSpec) -> None:
         model = train_tiny_llama(texts, tokenizer, spec, seed, desc=f"building {name} model")
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
+    write_manifest(root)
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
