@@ -1,4 +1,4 @@
-"""How forget and retain gradients become one update direction (SPEC §2).
+"""How forget and retain gradients become one update direction (docs/method.md §2).
 
 With g_f, g_r the gradients of the forget and retain losses over *all* trainable
 parameters (the inner products run over every tensor, and in sharded training over
@@ -74,7 +74,7 @@ def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combine
     """Overwrite ``g_r`` with the update direction d; ``g_f`` is used as scratch space.
 
     ``g_f`` and ``g_r`` are matching lists of gradient tensors (or local shards).
-    Returns the statistics SPEC §2 asks to log.
+    Returns the statistics docs/method.md §2 lists.
     """
     if len(g_f) != len(g_r):
         raise ValueError(f"gradient lists differ in length: {len(g_f)} vs {len(g_r)}")

@@ -9,7 +9,7 @@ import torch
 
 from blurctl.bench.build import resolve
 from blurctl.errors import InputError
-from blurctl.recipe import CorpusConfig
+from blurctl.recipe import CorpusConfig, DataConfig
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
@@ -109,6 +109,15 @@ def chunk_texts(texts: list[str], tokenizer, max_len: int, first_only: bool = Fa
         starts = range(0, len(ids), body)
         chunks += [bos + ids[i:i + body] for i in (starts[:1] if first_only else starts)]
     return chunks
+
+
+def corpus_chunks(corpora: list[CorpusConfig], field: str, tokenizer,
+                  data: DataConfig) -> list[list[list[int]]]:
+    """The token chunks of each corpus, at its own ``max_len`` (or ``data.max_len``);
+    ``field`` (``data.forget``) names the corpora in errors."""
+    return [chunk_texts(load_texts(c, f"{field}.{i}" if len(corpora) > 1 else field),
+                        tokenizer, c.max_len or data.max_len, data.truncate)
+            for i, c in enumerate(corpora)]
 
 
 def collate(chunks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

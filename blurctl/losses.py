@@ -1,4 +1,4 @@
-"""Forget and retain losses (SPEC §3), each a function of (model, reference, batch, context).
+"""Forget and retain losses (docs/method.md §3), each a function of (model, reference, batch, context).
 
 A batch is a dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where a
 token is padding or prompt). Token log-likelihoods skip those positions.

@@ -22,8 +22,15 @@ def method_name(recipe: dict) -> str:
     return f"{alg.get('combiner', '?')} ({losses})"
 
 
+def _setting(recipe: dict) -> str:
+    """What a run trained, leaving out its seed and folder: runs that share it are repeats."""
+    return json.dumps({k: v for k, v in recipe.items() if k not in ("seed", "output_dir")},
+                      sort_keys=True)
+
+
 def collect(run_dirs: list[Path]) -> list[dict]:
-    """Rows: the base and retrained references (from the first run that has them), then each run."""
+    """Rows: the base and retrained references (from the first run that has them), then each
+    run; runs that differ only in ``seed`` become one row of means with ``<metric>_sd``."""
     rows, refs = [], {}
     for run_dir in run_dirs:
         results_path = run_dir / RESULTS
@@ -37,21 +44,49 @@ def collect(run_dirs: list[Path]) -> list[dict]:
             if ref in models and ref not in refs:
                 refs[ref] = {"run": label, "method": "reference", **models[ref]}
         if "unlearned" in models:
-            rows.append({"run": run_dir.name, "method": method_name(recipe), **models["unlearned"]})
-    return list(refs.values()) + rows
+            rows.append({"run": run_dir.name, "method": method_name(recipe),
+                         "setting": _setting(recipe), **models["unlearned"]})
+    return list(refs.values()) + aggregate_seeds(rows)
+
+
+def aggregate_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setting: alone as it is; repeated over seeds as mean and sample sd."""
+    import re
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.pop("setting"), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        names = {re.sub(r"_?seed-\d+", "", r["run"]) or "default" for r in group}
+        row = {"run": names.pop() if len(names) == 1 else group[0]["run"],
+               "method": group[0]["method"], "seeds": len(group)}
+        for key in metric_keys(group):
+            values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
+            if len(values) == len(group):
+                row[key], row[f"{key}_sd"] = statistics.mean(values), statistics.stdev(values)
+        out.append(row)
+    return out
 
 
 def accuracy_keys(score_dicts) -> list[str]:
     """The lm-eval accuracy keys (``acc:<task>``) present in any of ``score_dicts``, sorted."""
-    return sorted({k for s in score_dicts for k in s if k.startswith("acc:") and not k.endswith("_stderr")})
+    return sorted({k for s in score_dicts for k in s
+                   if k.startswith("acc:") and not k.endswith(("_stderr", "_sd"))})
 
 
 def metric_keys(rows: list[dict]) -> list[str]:
     return [k for k, _ in COLUMNS] + accuracy_keys(rows)
 
 
-def format_score(value) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+def format_score(value, sd=None) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.2f} ± {sd:.2f}" if isinstance(sd, (int, float)) else f"{value:.2f}"
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -60,12 +95,15 @@ def to_markdown(rows: list[dict]) -> str:
     head = ["run", "method", *(titles.get(k, k) for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join([r["run"], r["method"], *(format_score(r.get(k)) for k in keys)]) + " |")
+        lines.append("| " + " | ".join([r["run"], r["method"], *(
+            format_score(r.get(k), r.get(f"{k}_sd")) for k in keys)]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:
-    keys = ["run", "method", *metric_keys(rows)]
+    keys = ["run", "method", "seeds"]
+    for k in metric_keys(rows):
+        keys += [k, f"{k}_sd"] if any(f"{k}_sd" in r for r in rows) else [k]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -86,14 +124,18 @@ def plot(rows: list[dict], path: Path, forget_key: str = "knowmem_f",
         if forget_key not in r or utility_key not in r:
             continue
         ref = r["method"] == "reference"
-        ax.scatter(r[utility_key], r[forget_key], marker="*" if ref else "o",
-                   s=160 if ref else 50, color="black" if ref else None, zorder=3)
+        ax.errorbar(r[utility_key], r[forget_key], xerr=r.get(f"{utility_key}_sd"),
+                    yerr=r.get(f"{forget_key}_sd"), fmt="*" if ref else "o",
+                    markersize=12 if ref else 6, color="black" if ref else None,
+                    capsize=3, zorder=3)
         ax.annotate(r["run"], (r[utility_key], r[forget_key]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     titles = dict(COLUMNS)
     ax.set_xlabel(f"{titles.get(utility_key, utility_key)} (utility)")
     ax.set_ylabel(f"{titles.get(forget_key, forget_key)} (remaining knowledge of D_f)")
-    ax.set_title("Forget vs utility: lower right is better")
+    seeded = any(f"{forget_key}_sd" in r for r in rows)
+    ax.set_title("Forget vs utility: lower right is better"
+                 + (" (mean ± sd over seeds)" if seeded else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -21,7 +21,7 @@ import torch
 
 from blurctl import checkpoint as ckpt
 from blurctl.combine import Weights, combine_
-from blurctl.data import chunk_texts, collate, load_texts
+from blurctl.data import collate, corpus_chunks
 from blurctl.errors import BlurctlError
 from blurctl.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, nll
 from blurctl.models import decoder_layers, frozen_copy, load_model, load_tokenizer
@@ -143,13 +143,9 @@ def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
 
     tokenizer = load_tokenizer(recipe.model)
 
-    def chunks(corpora, field: str) -> list[list[list[int]]]:
-        return [chunk_texts(load_texts(c, f"{field}.{i}" if len(corpora) > 1 else field),
-                            tokenizer, c.max_len or recipe.data.max_len, recipe.data.truncate)
-                for i, c in enumerate(corpora)]
-
-    forget_sets = chunks(recipe.data.forget, "data.forget")
-    retain_sets = chunks(recipe.data.retain, "data.retain") if recipe.data.retain and alg.retain_loss else []
+    forget_sets = corpus_chunks(recipe.data.forget, "data.forget", tokenizer, recipe.data)
+    retain_sets = (corpus_chunks(recipe.data.retain, "data.retain", tokenizer, recipe.data)
+                   if recipe.data.retain and alg.retain_loss else [])
     n_corpora = len(forget_sets)
 
     check_model_config(recipe)  # from the config alone, before any weights load

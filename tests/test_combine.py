@@ -1,4 +1,4 @@
-"""SPEC §2 properties of the combined direction, checked against an independent computation."""
+"""docs/method.md §2 properties of the combined direction, checked against an independent computation."""
 
 import math
 

@@ -89,3 +89,43 @@ def test_chunks_start_with_bos_and_respect_max_len():
     assert batch["input_ids"].tolist() == [[1, 103, 0], [1, 104, 105]]
     assert batch["labels"].tolist() == [[1, 103, -100], [1, 104, 105]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_truncate_keeps_the_first_chunk_of_each_document_as_wmdp_does(tmp_path):
+    assert chunk_texts(["abcdefg", "hi"], CharTokenizer(), max_len=4, first_only=True) == [
+        [1, 97, 98, 99], [1, 104, 105]]
+    from blurctl.data import corpus_chunks
+    from blurctl.recipe import DataConfig
+
+    (tmp_path / "bio.jsonl").write_text('{"text": "abcdefgh"}\n{"text": "ijklmnop"}\n')
+    (tmp_path / "cyber.jsonl").write_text('{"text": "qrstuvwx"}\n')
+    data = DataConfig(forget=[{"path": str(tmp_path / "bio.jsonl"), "max_len": 3},
+                              {"path": str(tmp_path / "cyber.jsonl")}], max_len=5, truncate=True)
+    bio, cyber = corpus_chunks(data.forget, "data.forget", CharTokenizer(), data)
+    assert bio == [[1, 97, 98], [1, 105, 106]]  # its own max_len, file order, one chunk each
+    assert cyber == [[1, 113, 114, 115, 116]]   # data.max_len
+    data = DataConfig(forget=[{"path": str(tmp_path / "bio.jsonl"), "max_len": 3}], max_len=5)
+    assert len(corpus_chunks(data.forget, "data.forget", CharTokenizer(), data)[0]) == 8
+
+
+def test_unshuffled_batches_follow_file_order_over_epochs():
+    from blurctl.train import BatchPlan
+
+    plan = BatchPlan(6, 4, 1, 0, seed=3, shuffle=False)
+    assert [plan.indices(k) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
+    ranks = [BatchPlan(6, 2, 2, r, seed=3, shuffle=False).indices(0) for r in (0, 1)]
+    assert ranks == [[0, 1], [2, 3]]
+
+
+def test_adam_eps_reaches_the_optimizer():
+    import torch
+
+    from blurctl.recipe import load_recipe
+    from blurctl.train import _optimizer
+
+    from helpers import DEMO
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt, _ = _optimizer(params, load_recipe(DEMO, ["train.adam_eps=1e-6"]), 10)
+    assert opt.param_groups[0]["eps"] == 1e-6
+    assert _optimizer(params, load_recipe(DEMO), 10)[0].param_groups[0]["eps"] == 1e-8

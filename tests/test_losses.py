@@ -1,4 +1,4 @@
-"""Losses of SPEC §3 against independent re-computation on a tiny random Llama."""
+"""Losses of docs/method.md §3 against independent re-computation on a tiny random Llama."""
 
 import math
 

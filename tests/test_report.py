@@ -92,3 +92,31 @@ def test_sweep_variants_cross_the_grid_and_single_values_are_shared(tmp_path):
     rmu = points[names.index("RMU_lr-2e-3")].recipe
     assert rmu.algorithm.forget_loss == "rmu" and rmu.steering.update_layers == [0, 1, 2]
     assert rmu.output_dir == str(tmp_path / "RMU_lr-2e-3")
+
+
+def test_runs_that_differ_only_in_seed_become_mean_and_sd(tmp_path):
+    import statistics
+
+    runs = []
+    for seed, kf in ((0, 10.0), (1, 20.0), (2, 33.0)):
+        run_dir = fake_run(tmp_path, f"BLUR_seed-{seed}", "blur", kf, with_refs=seed == 0)
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(
+            {**recipe, "seed": seed, "output_dir": str(run_dir)}))
+        runs.append(run_dir)
+    runs.append(fake_run(tmp_path, "penalty", "penalty", 30.0))
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", *map(str, runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["run"] for r in rows] == ["target (before unlearning)", "retrained (no D_f)", "BLUR", "penalty"]
+    blur = rows[2]
+    assert blur["seeds"] == 3
+    assert blur["knowmem_f"] == pytest.approx(statistics.mean([10.0, 20.0, 33.0]))
+    assert blur["knowmem_f_sd"] == pytest.approx(statistics.stdev([10.0, 20.0, 33.0]))
+    assert blur["verbmem_f_sd"] == 0.0 and "knowmem_f_sd" not in rows[3]
+    assert f"| BLUR | blur (npo+gdr) | 20.00 ± 0.00 | 21.00 ± {blur['knowmem_f_sd']:.2f} |" in (
+        out / "report.md").read_text()
+    header = (out / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"knowmem_f_sd", "acc:embedded_forget_mc_sd"} <= set(header)
+    assert "acc:embedded_forget_mc_sd" not in (out / "report.md").read_text()

@@ -1,9 +1,9 @@
-"""Deterministic generator of the embedded benchmark's corpus (SPEC §6).
+"""Deterministic generator of the embedded benchmark's corpus (docs/method.md §8).
 
 Fictional people with random attributes, each rendered as a short news-style
 article, plus reader quizzes (question/answer pairs about the same people in
 shuffled order), split into forget, retain (two halves) and holdout sets and
-written in MUSE's file layout (SPEC §4). A corpus file holds its articles and
+written in MUSE's file layout (docs/method.md §5). A corpus file holds its articles and
 its quizzes; a tiny model only learns to answer questions it has seen asked.
 """
 
@@ -120,7 +120,7 @@ QUIZ_ROUNDS = 2
 
 
 def render_qa(pairs: list[dict[str, str]]) -> str:
-    """Question/answer pairs in the few-shot format of SPEC §4, without the trailing gap."""
+    """Question/answer pairs in the few-shot format of docs/method.md §5, without the trailing gap."""
     return "\n\n".join(f"Question: {p['question']}\nAnswer: {p['answer']}" for p in pairs)
 
 
