@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from blurctl.bench.build import resolve
@@ -61,7 +62,11 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
             model = load_model(recipe.model, path=muse.retrained_model)
             retrained_auc = forget_auc(model, tokenizer, corpus,
                                        muse.batch_size, muse.max_examples)
-        if retrained_auc is not None:
+        if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf
+            print("warning: PrivLeak is undefined: the retrained model's privleak AUC is 0 and "
+                  "PrivLeak divides by it (more texts, eval.muse.max_examples, may help)",
+                  file=sys.stderr)
+        elif retrained_auc is not None:
             for scores in results.values():
                 scores["privleak"] = privleak(scores["privleak_auc"], retrained_auc)
                 ci = scores.get("privleak_auc_ci")

@@ -14,7 +14,7 @@ from helpers import DEMO, free_port, log_rows, weights
 
 # SGD, so that weights of equal runs differ only by lr x float32 rounding of the reduced
 # gradients (see test_algorithms.EQUAL_RUNS): comparable on any CPU.
-COMMON = ["train.max_steps=3", "train.optimizer=sgd", "train.lr=0.5", "eval.muse=null",
+COMMON = ["train.max_steps=3", "train.optimizer=sgd", "train.lr=0.01", "eval.muse=null",
           "hardware.device=cpu", "algorithm.combiner=blur"]
 
 

@@ -143,3 +143,14 @@ def test_eval_of_a_recipe_evaluates_its_base_model(embedded, tmp_path):
     models = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]
     assert set(models) == {"base", "retrained"}
     assert models["retrained"]["privleak"] == pytest.approx(0.0)
+
+
+def test_privleak_is_left_undefined_when_the_retrained_auc_is_zero(embedded, tmp_path):
+    # on its first 2 forget and 2 holdout texts the retrained model's AUC is exactly 0
+    result = runner.invoke(app, ["eval", str(DEMO), "eval.lm_eval=null", "eval.muse.max_examples=2",
+                                 "eval.bootstrap=0", f"output_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert "PrivLeak is undefined: the retrained model's privleak AUC is 0" in result.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["retrained_auc"] == 0.0
+    assert all("privleak" not in s and "privleak_auc" in s for s in results["models"].values())

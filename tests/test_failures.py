@@ -92,7 +92,7 @@ def test_planted_token_appears_in_no_output(embedded, tmp_path, monkeypatch, cap
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", token)
     run(load_recipe(DEMO, ["train.max_steps=2", "eval.compare_base=false", "eval.lm_eval=null",
-                           "eval.muse.max_examples=2", f"output_dir={tmp_path}"]))
+                           "eval.muse.max_examples=3", f"output_dir={tmp_path}"]))
     captured = capsys.readouterr()
     assert token not in captured.out + captured.err
     files = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from blurctl.cli import app
 from blurctl.launch import SlurmOptions, launch_command, slurm_script
-from blurctl.recipe import load_recipe
+from blurctl.recipe import grad_accum, load_recipe
 
 from helpers import DEMO, ROOT
 
@@ -33,14 +33,22 @@ def test_shipped_recipes_validate_and_start_with_their_command(name):
 def test_paper_hyperparameters():
     news = load_recipe(ROOT / "recipes" / "muse_news.yaml")
     assert (news.model.path, news.model.tokenizer) == ("muse-bench/MUSE-News_target", "meta-llama/Llama-2-7b-hf")
-    assert (news.data.max_len, news.train.epochs, news.train.lr, news.train.batch_size) == (2048, 10, 2.5e-5, 4)
-    assert (news.hardware.num_processes, news.algorithm.combiner, news.algorithm.forget_weight) == (8, "blur", 1.0)
+    assert (news.data.max_len, news.train.epochs, news.train.lr) == (2048, 10, 2.5e-5)
+    # 4 examples per optimizer step, as the original (one process, batch 4), never clipped
+    examples_per_step = news.train.batch_size * grad_accum(news) * news.hardware.world_size
+    assert (examples_per_step, news.train.max_grad_norm) == (4, None)
+    assert (news.algorithm.combiner, news.algorithm.forget_weight, news.algorithm.retain_weight) == ("blur", 1.0, 1.0)
     assert (news.algorithm.forget_loss, news.algorithm.retain_loss) == ("npo", "gdr")
+    assert (news.train.optimizer, news.train.scheduler, news.hardware.mixed_precision) == ("adamw", "constant", "bf16")
     wmdp = load_recipe(ROOT / "recipes" / "wmdp.yaml")
     assert wmdp.model.path == "HuggingFaceH4/zephyr-7b-beta"
     assert [c.path for c in wmdp.data.forget] == ["data/wmdp/bio_remove_dataset.jsonl", "cais/wmdp-corpora"]
     assert (wmdp.steering.layer, wmdp.steering.update_layers, wmdp.steering.coeff) == (7, [5, 6, 7], [6.5, 6.5])
     assert (wmdp.algorithm.retain_weight, wmdp.train.lr, wmdp.train.max_steps, wmdp.seed) == ([800, 800], 5e-5, 150, 0)
+    # one truncated chunk per document, in file order; transformers' AdamW eps
+    assert [c.max_len for c in wmdp.data.forget + wmdp.data.retain] == [512, 768, 512, 512]
+    assert (wmdp.data.truncate, wmdp.data.shuffle, wmdp.train.batch_size) == (True, False, 4)
+    assert (wmdp.train.adam_eps, wmdp.train.weight_decay, wmdp.train.max_grad_norm) == (1e-6, 0.0, None)
 
 
 def test_cpu_launch_uses_torchrun_and_gpu_uses_accelerate():
@@ -52,24 +60,25 @@ def test_cpu_launch_uses_torchrun_and_gpu_uses_accelerate():
     gpu = load_recipe(ROOT / "recipes" / "muse_news.yaml")
     cmd = launch_command(gpu, Path("recipes/muse_news.yaml"), [], resume=True)
     assert cmd[:3] == ["accelerate", "launch", "--multi_gpu"]
-    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert cmd[-1] == "--resume"
 
 
 def test_slurm_script_expands_node_rank_per_task(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "muse_news.yaml",
-                         ["hardware.num_machines=2", "container.image=/images/blurctl.sif",
+                         ["hardware.num_machines=2", "train.global_batch_size=8",
+                          "container.image=/images/blurctl.sif",
                           "container.binds=[/scratch/hf:/data/hf]", f"output_dir={tmp_path}"])
     script = slurm_script(recipe, Path("recipes/muse_news.yaml"), ["hardware.num_machines=2"],
                           SlurmOptions(partition="gpu"))
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=4" in script
     assert "#SBATCH --partition=gpu" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     argv = shlex.split(srun)
     assert argv[:7] == ["srun", "--kill-on-bad-exit=1", "apptainer", "exec", "--nv", "--bind", "/scratch/hf:/data/hf"]
     inner = argv[argv.index("-c") + 1]
-    assert "--machine_rank $SLURM_NODEID" in inner and "--num_processes 16" in inner
+    assert "--machine_rank $SLURM_NODEID" in inner and "--num_processes 8" in inner
     assert "'" in srun.split("bash -c", 1)[1]  # single-quoted: each task expands its own node id
     assert inner.endswith("python -m blurctl run recipes/muse_news.yaml hardware.num_machines=2")
     # bash accepts it, and per task the rank comes from that task's environment

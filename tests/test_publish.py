@@ -21,7 +21,7 @@ runner = CliRunner()
 def evaluated_run(embedded, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     run(load_recipe(DEMO, ["train.max_steps=1", "eval.compare_base=false", "eval.lm_eval=null",
-                           "eval.muse.max_examples=2", "eval.bootstrap=20", f"output_dir={out}"]))
+                           "eval.muse.max_examples=3", "eval.bootstrap=20", f"output_dir={out}"]))
     return out
 
 
