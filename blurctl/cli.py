@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from blurctl.errors import BlurctlError
+from blurctl.errors import BlurctlError, InputError
 from blurctl.recipe import Recipe, RecipeError, load_recipe, recipe_yaml
 
 app = typer.Typer(
@@ -84,7 +84,6 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     Examples: blurctl validate recipes/demo.yaml train.lr=1e-3
               blurctl validate recipes/muse_news.yaml --preflight
     """
-    from blurctl.errors import InputError
 
     resolved = _load(recipe, overrides)
     if not quiet:
@@ -247,16 +246,20 @@ def launch(recipe: RecipeArg, overrides: OverridesArg = None,
            partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
            account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
            time: Annotated[str, typer.Option(help="Slurm time limit.")] = "24:00:00",
+           submit: Annotated[bool, typer.Option(
+               "--submit/--dry-run", help="Submit the script with sbatch (default: only write it).")] = False,
            resume: Annotated[bool, typer.Option("--resume", help="Launch with --resume.")] = False) -> None:
-    """Print the launcher command for this recipe, or write a Slurm script (--slurm).
+    """Print the launcher command for this recipe, or write (and --submit) a Slurm script.
 
     Nodes and GPUs per node come from hardware.num_machines and hardware.num_processes;
     with container.image each task runs inside the container (apptainer exec --nv).
-    Example: blurctl launch recipes/muse_news.yaml hardware.num_machines=2 --slurm
+    Launcher arguments go after --.
+    Example: blurctl launch recipes/muse_news.yaml hardware.num_machines=2 --slurm --submit
     """
     import shlex
 
     from blurctl.launch import SlurmOptions, launch_command, slurm_script
+    from blurctl.launch import submit as sbatch
 
     overrides, launcher_args = _split_launcher_args(overrides)
     resolved = _load(recipe, overrides)
@@ -267,10 +270,23 @@ def launch(recipe: RecipeArg, overrides: OverridesArg = None,
     script = slurm_script(resolved, recipe, overrides,
                           SlurmOptions(partition=partition, account=account, time=time),
                           resume, launcher_args)
-    path = output or Path(resolved.output_dir) / "launch.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    out.print(f"wrote {path}; submit with: sbatch {path}")
+    run_dir = Path(resolved.output_dir)
+    path = output or run_dir / "launch.sbatch"
+    try:
+        for folder in (run_dir, path.parent):  # Slurm opens its log in run_dir before the job runs
+            folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+    except OSError as exc:
+        _fail(InputError(f"launch: cannot write {path}: {exc.strerror or exc}"))
+    if not submit:
+        out.print(f"wrote {path}; submit with: sbatch {path} (or blurctl launch ... --submit)",
+                  markup=False)
+        return
+    try:
+        out.print(f"submitted batch job {sbatch(path)} ({path}); log: {run_dir}/slurm-JOBID.out",
+                  markup=False)
+    except BlurctlError as exc:
+        _fail(exc)
 
 
 @app.command()

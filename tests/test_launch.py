@@ -59,7 +59,7 @@ def test_cpu_launch_uses_torchrun_and_gpu_uses_accelerate():
     assert cmd[-4:] == ["blurctl", "run", str(DEMO), "hardware.num_processes=2"]
     gpu = load_recipe(ROOT / "recipes" / "muse_news.yaml")
     cmd = launch_command(gpu, Path("recipes/muse_news.yaml"), [], resume=True)
-    assert cmd[:3] == ["accelerate", "launch", "--multi_gpu"]
+    assert Path(cmd[0]).name == "accelerate" and cmd[1:3] == ["launch", "--multi_gpu"]
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert cmd[-1] == "--resume"
@@ -80,7 +80,8 @@ def test_slurm_script_expands_node_rank_per_task(tmp_path):
     inner = argv[argv.index("-c") + 1]
     assert "--machine_rank $SLURM_NODEID" in inner and "--num_processes 8" in inner
     assert "'" in srun.split("bash -c", 1)[1]  # single-quoted: each task expands its own node id
-    assert inner.endswith("python -m blurctl run recipes/muse_news.yaml hardware.num_machines=2")
+    assert inner.endswith(" -m blurctl run recipes/muse_news.yaml hardware.num_machines=2")
+    assert inner.startswith("accelerate launch --multi_gpu")  # the image's own accelerate
     # bash accepts it, and per task the rank comes from that task's environment
     check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
@@ -203,3 +204,132 @@ def test_wmdp_recipe_loads_local_jsonl_and_hub_corpora(hub_standins, tmp_path, m
     assert ("wikitext", "wikitext-2-raw-v1", "test") in hub_standins["dataset"]
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["corpus"] for r in rows] == [0, 1]  # bio and cyber take turns
+
+
+# Every launch command blurctl writes, prints or runs, executed on this CPU machine.
+STANDINS = ROOT / "tests" / "slurm_standins"  # srun (one task per node), scontrol, sbatch
+SHORT = ["train.max_steps=2", "train.optimizer=sgd", "train.lr=0.01", "eval.lm_eval=null",
+         "eval.muse.max_examples=3", "eval.bootstrap=0", "algorithm.combiner=blur"]
+STATS = ("forget_loss", "retain_loss", "dot", "forget_sq", "retain_sq", "xi", "cosine")
+
+
+def _env(**extra):
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "BLURCTL_NO_PROGRESS": "1",
+            "PATH": f"{STANDINS}:{os.environ['PATH']}", **extra}
+
+
+def _matches_single_process(run_dir, tmp_path):
+    """The multi-process run logged what one process with the same global batch logs."""
+    import json
+
+    from blurctl.pipeline import run
+
+    from helpers import log_rows
+
+    single = tmp_path / "single"
+    run(load_recipe(DEMO, [*SHORT, "eval.muse=null", "train.batch_size=4", f"output_dir={single}"]))
+    for one, many in zip(log_rows(single), log_rows(run_dir), strict=True):
+        for key in STATS:
+            assert many[key] == pytest.approx(one[key], rel=2e-4, abs=1e-7), (key, one["step"])
+    assert json.loads((run_dir / "environment.json").read_text())["hardware"]["world_size"] == 2
+    assert "unlearned" in json.loads((run_dir / "results.json").read_text())["models"]
+
+
+def _slurm_job_id() -> int:
+    """A job id whose derived MASTER_PORT (20000 + id % 20000) is free on this machine."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randrange(20000, 40000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port - 20000
+    raise RuntimeError("no free port in 20000-39999")
+
+
+@pytest.mark.parametrize("device, launcher", [("auto", "accelerate launch --multi_gpu"),
+                                              ("cpu", "torch.distributed.run")])
+def test_sbatch_script_runs_two_nodes_on_localhost(embedded, tmp_path, monkeypatch, device, launcher):
+    """The script as written, run by bash with srun/scontrol stand-ins: 2 nodes x 1 process."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["launch", str(DEMO), *SHORT, f"hardware.device={device}",
+                                 "hardware.num_machines=2", "train.batch_size=2", "output_dir=run",
+                                 "--slurm"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)  # the script finds its folders wherever it is started
+    text = (work / "run" / "launch.sbatch").read_text()
+    assert launcher in text and "python -m blurctl" not in text
+    assert f"#SBATCH --output={work}/run/slurm-%j.out" in text  # absolute, and the folder exists
+    proc = subprocess.run(["bash", str(work / "run" / "launch.sbatch")], capture_output=True,
+                          text=True, timeout=600,
+                          env=_env(SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID=str(_slurm_job_id()),
+                                   SLURM_JOB_NODELIST="node[1-2]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _matches_single_process(work / "run", tmp_path)
+
+
+def test_gpu_relaunch_command_runs_on_cpu(embedded, tmp_path):
+    """blurctl run's own GPU launch (accelerate launch --multi_gpu), executed: gloo on CPU."""
+    from helpers import free_port
+
+    out = tmp_path / "relaunched"
+    proc = subprocess.run([sys.executable, "-m", "blurctl", "run", str(DEMO), *SHORT,
+                           "hardware.device=auto", "hardware.num_processes=2", "train.batch_size=2",
+                           f"output_dir={out}", "--", "--main_process_port", str(free_port())],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate launch --multi_gpu --num_processes 2" in proc.stderr
+    _matches_single_process(out, tmp_path)
+
+
+def test_printed_launch_command_runs_as_printed(embedded, tmp_path):
+    from helpers import free_port
+
+    out = tmp_path / "printed"
+    launch = subprocess.run([sys.executable, "-m", "blurctl", "launch", str(DEMO), *SHORT,
+                             "hardware.num_processes=2", "train.batch_size=2", f"output_dir={out}",
+                             "--", "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
+                            capture_output=True, text=True, env=_env())
+    assert launch.returncode == 0, launch.stderr
+    printed = launch.stdout.strip()
+    assert printed.startswith(shlex.quote(sys.executable) + " -m torch.distributed.run")
+    proc = subprocess.run(["bash", "-c", printed], capture_output=True, text=True, timeout=600,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _matches_single_process(out, tmp_path)
+
+
+def test_launch_submit_calls_sbatch_and_prints_the_job_id(tmp_path, monkeypatch):
+    record = tmp_path / "sbatch.calls"
+    for key, value in _env(SBATCH_RECORD=str(record)).items():
+        monkeypatch.setenv(key, value)
+    script = tmp_path / "job.sbatch"
+    base = ["launch", str(ROOT / "recipes" / "muse_news.yaml"), "--slurm", "-o", str(script),
+            f"output_dir={tmp_path / 'run'}"]
+    result = runner.invoke(app, base)  # --dry-run is the default: nothing submitted
+    assert result.exit_code == 0 and not record.exists() and script.exists()
+    result = runner.invoke(app, [*base, "--submit"])
+    assert result.exit_code == 0, result.output
+    assert "submitted batch job 4242" in result.stdout
+    assert record.read_text().split() == [str(script)]
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    result = runner.invoke(app, [*base, "--submit"])
+    assert result.exit_code == 1
+    assert f"launch --submit: sbatch is not on PATH; the script is at {script}" in result.stderr
+
+
+def test_launch_refuses_an_unwritable_script_path_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["launch", str(DEMO), "--slurm", "-o", str(tmp_path / "file" / "x"),
+                                 f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: launch: cannot write {tmp_path / 'file' / 'x'}")
+    assert "Traceback" not in result.output
