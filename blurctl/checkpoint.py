@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blurctl.errors import BlurctlError
+from blurctl.rundir import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -108,15 +108,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _newest_readable(dirs: list[tuple[int, Path]]) -> tuple[int, Path, dict, dict]:
+    """The newest checkpoint whose files load (a truncated one is passed over, saying so)."""
+    from blurctl.progress import is_main_process
+
+    skipped = []
+    for step, path in reversed(dirs):
+        try:
+            model_state = load_file(path / "model.safetensors")
+            trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        except Exception as exc:  # safetensors, pickle and EOF errors: a damaged file
+            skipped.append(f"{path.name} ({exc.__class__.__name__})")
+            continue
+        if skipped and is_main_process():
+            print(f"note: --resume: unreadable checkpoint(s) {', '.join(skipped)}; resuming "
+                  f"from {path}", flush=True)
+        return step, path, model_state, trainer
+    raise BlurctlError(f"--resume: no checkpoint in {dirs[-1][1].parent} can be read: "
+                       f"{', '.join(skipped)}")
+
+
 def restore_latest(run_dir: Path, model, optimizer, scheduler, fsdp: bool) -> int:
     """Load the newest complete checkpoint into the training objects; return its step."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         raise BlurctlError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS} "
                            "(set train.save_every to write them)")
-    step, path = dirs[-1]
-    model_state = load_file(path / "model.safetensors")
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    step, path, model_state, trainer = _newest_readable(dirs)
     inner = _unwrap(model)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -150,12 +168,17 @@ def open_log(path: Path, keep_steps: int) -> IO[str]:
 
 
 def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> None:
-    """Write to a sibling temporary folder, then rename: ``target`` is never half-written."""
+    """Write to a sibling temporary folder, then rename: ``target`` is never half-written.
+
+    The temporary copy is marked ``.complete`` once written, so a save killed between
+    the renames is finished by ``rundir.recover_model`` on the next eval or resume.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text("")
         _fsync_dir(tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,4 +189,5 @@ def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> No
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    (target / ".complete").unlink()
     shutil.rmtree(old, ignore_errors=True)

@@ -89,9 +89,9 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     if not quiet:
         out.print(recipe_yaml(resolved), markup=False, end="")
     if preflight:
-        from blurctl.preflight import run_preflight
+        from blurctl.preflight import check_inputs
 
-        report = run_preflight(resolved)
+        report = check_inputs(resolved, memory=True)
         for note in report.notes:
             err.print(f"preflight: {note}", markup=False)
         if report.problems:
@@ -114,7 +114,9 @@ def _split_launcher_args(overrides: list[str] | None) -> tuple[list[str], list[s
 @app.command()
 def run(recipe: RecipeArg, overrides: OverridesArg = None,
         resume: Annotated[bool, typer.Option(
-            "--resume", help="Continue from the newest checkpoint in output_dir.")] = False) -> None:
+            "--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
+        overwrite: Annotated[bool, typer.Option(
+            "--overwrite", help="Replace an earlier run in output_dir.")] = False) -> None:
     """Unlearn, evaluate and save: the whole job a recipe describes.
 
     With hardware.num_processes > 1 it starts itself under the launcher (accelerate
@@ -131,11 +133,12 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None,
     overrides, launcher_args = _split_launcher_args(overrides)
     resolved = _load(recipe, overrides)
     if needs_launch(resolved):
-        cmd = launch_command(resolved, recipe, overrides, resume, launcher_args, sys.executable)
+        cmd = launch_command(resolved, recipe, overrides, resume, launcher_args, sys.executable,
+                             overwrite)
         err.print("launching: " + " ".join(cmd), markup=False)
         raise typer.Exit(subprocess.call(cmd))
     try:
-        results = run_pipeline(resolved, resume=resume)
+        results = run_pipeline(resolved, resume=resume, overwrite=overwrite)
     except BlurctlError as exc:
         _fail(exc)
     if results:
@@ -154,6 +157,7 @@ def eval_(target: Annotated[Path, typer.Argument(
 
     Examples: blurctl eval runs/demo    blurctl eval recipes/demo.yaml --model runs/demo/model
     """
+    from blurctl import rundir
     from blurctl.evaluation import evaluate
 
     if target.is_dir():
@@ -164,12 +168,15 @@ def eval_(target: Annotated[Path, typer.Argument(
     resolved = _load(recipe_path, overrides)
     if out_dir is None:
         out_dir = Path(resolved.output_dir) / ("eval" if checkpoint is None else "eval-" + checkpoint.name)
-    if checkpoint is not None and not (checkpoint / "config.json").is_file():
-        _fail(BlurctlError(f"{checkpoint}: not a saved model folder (no config.json)"))
     if not (resolved.eval.muse or resolved.eval.lm_eval):
         _fail(BlurctlError("eval: the recipe asks for no evaluation (set eval.muse or eval.lm_eval)"))
     try:
-        results = evaluate(resolved, str(checkpoint) if checkpoint else None, out_dir)
+        with rundir.locked(out_dir, "eval"):
+            if target.is_dir() and model is None and (restored := rundir.recover_model(target)):
+                err.print(f"note: {restored}", markup=False)
+            if checkpoint is not None and not (checkpoint / "config.json").is_file():
+                raise BlurctlError(f"{checkpoint}: not a saved model folder (no config.json)")
+            results = evaluate(resolved, str(checkpoint) if checkpoint else None, out_dir)
     except BlurctlError as exc:
         _fail(exc)
     print_table(results_table(results))
@@ -200,7 +207,9 @@ def sweep(recipe: RecipeArg,
               help="KEY=V1,V2,... axes; the grid is their product.", show_default=False)] = None,
           variants: Annotated[Path | None, typer.Option(
               help="YAML file: variant name -> list of KEY=VALUE overrides (crossed with the grid).")] = None,
-          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs, run nothing.")] = False) -> None:
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs, run nothing.")] = False,
+          overwrite: Annotated[bool, typer.Option(
+              "--overwrite", help="Replace earlier runs in the sweep's folders.")] = False) -> None:
     """Run a grid over recipe keys (and named variants) one after another, then report them.
 
     Examples: blurctl sweep recipes/demo.yaml algorithm.combiner=blur,penalty train.lr=5e-4,1e-3
@@ -223,7 +232,7 @@ def sweep(recipe: RecipeArg,
     for i, p in enumerate(points, 1):
         err.print(f"[{i}/{len(points)}] {p.name}", markup=False)
         try:
-            run_pipeline(p.recipe)
+            run_pipeline(p.recipe, overwrite=overwrite)
             done.append(Path(p.recipe.output_dir))
         except BlurctlError as exc:
             failed.append(p.name)

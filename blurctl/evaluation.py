@@ -8,9 +8,8 @@ from pathlib import Path
 
 from blurctl.bench.build import resolve
 from blurctl.recipe import Recipe
+from blurctl.rundir import EXAMPLES, RESULTS
 
-RESULTS = "results.json"
-EXAMPLES = "eval_examples.json"
 
 
 def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str | None]:

@@ -9,7 +9,8 @@ from blurctl.errors import InputError
 from blurctl.recipe import LmEvalConfig
 
 
-def _task_manager(cfg: LmEvalConfig):
+def task_manager(cfg: LmEvalConfig):
+    """lm-eval's task index with the recipe's tasks in it; InputError naming any unknown one."""
     from lm_eval.tasks import TaskManager
 
     include = resolve(cfg.include_path) if cfg.include_path else None
@@ -34,7 +35,7 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = _task_manager(cfg)
+    manager = task_manager(cfg)
     if isinstance(model, str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

@@ -21,9 +21,11 @@ def needs_launch(recipe: Recipe) -> bool:
     return recipe.hardware.world_size > 1 and "LOCAL_RANK" not in os.environ
 
 
-def _blurctl_args(recipe_path: Path, overrides: list[str], resume: bool) -> list[str]:
+def _blurctl_args(recipe_path: Path, overrides: list[str], resume: bool,
+                  overwrite: bool = False) -> list[str]:
     """``-m blurctl run ...``: the module form, which both torchrun and accelerate take."""
-    return ["-m", "blurctl", "run", str(recipe_path), *overrides, *(["--resume"] if resume else [])]
+    return ["-m", "blurctl", "run", str(recipe_path), *overrides,
+            *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
 
 
 def _accelerate(python: str) -> str:
@@ -38,7 +40,8 @@ def uses_torchrun(recipe: Recipe) -> bool:
 
 
 def launch_command(recipe: Recipe, recipe_path: Path, overrides: list[str], resume: bool = False,
-                   launcher_args: list[str] | None = None, python: str = sys.executable) -> list[str]:
+                   launcher_args: list[str] | None = None, python: str = sys.executable,
+                   overwrite: bool = False) -> list[str]:
     """The command that starts every local process of this job.
 
     On CPU it is ``torchrun`` (as ``python -m torch.distributed.run``); otherwise
@@ -46,7 +49,7 @@ def launch_command(recipe: Recipe, recipe_path: Path, overrides: list[str], resu
     no GPU is found).
     """
     hw, extra = recipe.hardware, list(launcher_args or [])
-    job = _blurctl_args(recipe_path, overrides, resume)
+    job = _blurctl_args(recipe_path, overrides, resume, overwrite)
     if uses_torchrun(recipe):
         return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(hw.num_processes),
                 "--nnodes", str(hw.num_machines), *extra, *job]

@@ -1,45 +1,68 @@
-"""A whole job: prepare the run folder, unlearn, evaluate, write results."""
+"""A whole job: check every input, take the run folder, unlearn, evaluate, write results."""
 
 from __future__ import annotations
 
 import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
 
+from blurctl import rundir
 from blurctl.envinfo import environment
 from blurctl.errors import BlurctlError, InputError
 from blurctl.evaluation import evaluate
 from blurctl.progress import is_main_process
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
-RESOLVED_RECIPE = "recipe.yaml"
-ENVIRONMENT = "environment.json"
+
+def check_inputs_or_fail(recipe: Recipe) -> dict[str, str]:
+    """Every input problem at once (InputError, one line each), else the inputs' fingerprints."""
+    from blurctl.preflight import check_inputs
+
+    report = check_inputs(recipe)
+    if report.problems:
+        raise InputError("\n".join(report.problems))
+    return report.inputs
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool = False) -> Path:
-    """Create the run folder and record the recipe and environment in it."""
-    from blurctl.checkpoint import checkpoint_dirs
-
+def prepare_run_dir(recipe: Recipe, inputs: dict[str, str], resume: bool = False,
+                    overwrite: bool = False) -> Path:
+    """Check the run folder against ``--resume``/``--overwrite``, then record the recipe,
+    the environment and the inputs' fingerprints in it (main process only)."""
     run_dir = Path(recipe.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
-    saved = run_dir / RESOLVED_RECIPE
     if resume:
+        saved = run_dir / rundir.RECIPE
         if not saved.exists():
             raise InputError(f"--resume: {run_dir} holds no earlier run ({saved} is missing)")
         before = validate_dict(yaml.safe_load(saved.read_text()), str(saved)).model_dump()
         changed = sorted(_changed_keys(before, recipe.model_dump()))
         if changed:
             raise InputError(f"--resume: the recipe differs from {saved} in "
-                               f"{', '.join(changed)}; resume with the same recipe")
-    elif checkpoint_dirs(run_dir):
-        raise InputError(f"output_dir: {run_dir} holds checkpoints of an earlier run; "
-                           "pass --resume to continue it or choose another output_dir")
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RESOLVED_RECIPE).write_text(recipe_yaml(recipe))
-        (run_dir / ENVIRONMENT).write_text(json.dumps(environment(), indent=1) + "\n")
+                             f"{', '.join(changed)}; resume with the same recipe")
+        recorded = run_dir / rundir.INPUTS
+        if recorded.is_file():
+            was = json.loads(recorded.read_text())
+            moved = sorted(k for k in set(was) | set(inputs) if was.get(k) != inputs.get(k))
+            if moved:
+                raise InputError(f"--resume: {', '.join(moved)} changed since the run started "
+                                 f"(content fingerprints in {recorded}); resume with the same "
+                                 "inputs or start a new run")
+        restored = rundir.recover_model(run_dir)
+        if restored:
+            print(f"note: {restored}", flush=True)
+    elif earlier := rundir.earlier_run(run_dir):
+        if not overwrite:
+            raise InputError(f"output_dir: {run_dir} holds an earlier run ({', '.join(earlier)}); "
+                             "pass --resume to continue it, --overwrite to replace it, or "
+                             "choose another output_dir")
+        rundir.clear(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / rundir.RECIPE).write_text(recipe_yaml(recipe))
+    (run_dir / rundir.ENVIRONMENT).write_text(json.dumps(environment(), indent=1) + "\n")
+    (run_dir / rundir.INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
     return run_dir
 
 
@@ -54,18 +77,58 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def run(recipe: Recipe, resume: bool = False) -> dict:
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Check, then train and evaluate into ``recipe.output_dir``; the results (main process)."""
     from blurctl.train import unlearn
 
-    run_dir = prepare_run_dir(recipe, resume)
-    model_dir = unlearn(recipe, run_dir, resume)
-    if not is_main_process() or not (recipe.eval.muse or recipe.eval.lm_eval):
-        return {}
+    main = is_main_process()
+    run_dir = Path(recipe.output_dir)
+    inputs = check_inputs_or_fail(recipe) if main else {}
+    with rundir.locked(run_dir, "run") if main else nullcontext():
+        if main:
+            prepare_run_dir(recipe, inputs, resume, overwrite)
+        model_dir = unlearn(recipe, run_dir, resume)
+        if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
+            return {}
+        try:
+            with _signals_raise():
+                return evaluate(recipe, str(model_dir), run_dir)
+        except _Signalled as sig:
+            stopped = BlurctlError(f"evaluation stopped by {signal.Signals(sig.signum).name} (the "
+                                   f"trained model is saved in {model_dir}; finish with: "
+                                   f"blurctl eval {run_dir})")
+            stopped.exit_code = 128 + sig.signum
+            raise stopped from None
+        except Exception as exc:  # the model is safe; say so, in one line, whatever failed
+            detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            if not isinstance(exc, BlurctlError):
+                detail = f"{exc.__class__.__name__}: {detail}"
+            raise BlurctlError(f"evaluation failed: {detail} (the trained model is saved in "
+                               f"{model_dir}; finish with: blurctl eval {run_dir})") from None
+
+
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM arrived; a BaseException so no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into ``_Signalled`` inside the block (main thread only)."""
+    def handler(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+        raise _Signalled(signum)
+
+    previous = {}
     try:
-        return evaluate(recipe, str(model_dir), run_dir)
-    except Exception as exc:  # the model is safe; say so, in one line, whatever failed
-        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if not isinstance(exc, BlurctlError):
-            detail = f"{exc.__class__.__name__}: {detail}"
-        raise BlurctlError(f"evaluation failed: {detail} (the trained model is saved in "
-                           f"{model_dir}; finish with: blurctl eval {run_dir})") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

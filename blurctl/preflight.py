@@ -22,6 +22,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 class Preflight:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> content fingerprint
 
 
 def estimate_training_bytes(n_params: int, recipe: Recipe, trainable: int | None = None) -> int:
@@ -78,23 +79,25 @@ def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
     return []
 
 
-def load_config(recipe: Recipe):
-    """The model's config (no weights), or InputError naming ``model.path``."""
+def load_config(recipe: Recipe, model=None, field_name: str = "model.path"):
+    """The config (no weights) of the recipe's model (or ``model``), or InputError naming
+    ``field_name``."""
     from transformers import AutoConfig
 
-    source = resolve(recipe.model.path)
+    model = model or recipe.model
+    source = resolve(model.path)
     try:
-        return AutoConfig.from_pretrained(source, revision=recipe.model.revision,
-                                          trust_remote_code=recipe.model.trust_remote_code)
+        return AutoConfig.from_pretrained(source, revision=model.revision,
+                                          trust_remote_code=model.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, ...
-        raise InputError(f"model.path: cannot load model from {source!r} "
+        raise InputError(f"{field_name}: cannot load model from {source!r} "
                          f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
 
 
 def check_model_config(recipe: Recipe) -> None:
     """Raise InputError for an unloadable model or a bad RMU setup, from the config alone."""
     config = load_config(recipe)
-    problems = steering_problems(recipe, config)
+    problems = length_problems(recipe, config) + steering_problems(recipe, config)
     if problems:
         raise InputError(problems[0])
 
@@ -107,8 +110,59 @@ def _count_params(model, recipe: Recipe) -> tuple[int, int]:
     return total, total
 
 
-def run_preflight(recipe: Recipe) -> Preflight:
+MUSE_FILES = ("verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
+              "knowmem/retain_qa.json", "knowmem/retain_qa_icl.json", "privleak/forget.json",
+              "privleak/holdout.json")
+
+
+def _check_output_dir(recipe: Recipe, corpora: list[Path]) -> list[str]:
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} exists and is not a folder"]
+    parent = _existing_parent(out)
+    if not parent.is_dir():
+        return [f"output_dir: {out} lies under {parent}, which is not a folder"]
+    if not os.access(out if out.exists() else parent, os.W_OK):
+        return [f"output_dir: {out} is not writable"]
+    inside = [c for c in corpora if c.is_dir() and out.resolve().is_relative_to(c.resolve())]
+    if inside:
+        return [f"output_dir: {out} lies inside the corpus folder {inside[0]}; its files would "
+                "be read as corpus"]
+    return []
+
+
+def _eval_problems(recipe: Recipe, check) -> list[str]:
+    """The evaluation's inputs, found before training rather than after it."""
+    from blurctl.recipe import ModelConfig
+
+    problems, muse = [], recipe.eval.muse
+    if muse is not None:
+        corpus = Path(resolve(muse.corpus))
+        missing = [f for f in MUSE_FILES if not (corpus / f).is_file()]
+        if missing:
+            problems.append(f"eval.muse.corpus: {corpus}: missing {', '.join(missing)} "
+                            "(MUSE's layout)")
+        if muse.retrained_model:
+            check("eval.muse.retrained_model", lambda: load_config(recipe, ModelConfig(
+                path=muse.retrained_model, trust_remote_code=recipe.model.trust_remote_code),
+                "eval.muse.retrained_model"))
+    if recipe.eval.lm_eval is not None:
+        from blurctl.harness import task_manager
+
+        check("eval.lm_eval.tasks", lambda: task_manager(recipe.eval.lm_eval))
+    return problems
+
+
+def check_inputs(recipe: Recipe, memory: bool = False) -> Preflight:
+    """Every problem with the recipe's inputs, found without loading weights.
+
+    Corpora (read, not empty), tokenizer, model and reference configs, RMU layers and
+    sequence length, the evaluation's corpus, models and lm-eval tasks, the output
+    folder; with ``memory``, the training memory estimate against the hardware. Also
+    records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
+    """
     from blurctl.data import load_texts
+    from blurctl.fingerprint import model_fingerprint, texts_fingerprint
     from blurctl.models import load_tokenizer
 
     report = Preflight()
@@ -122,36 +176,44 @@ def run_preflight(recipe: Recipe) -> Preflight:
             report.problems.append(f"{what}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
         return None
 
-    out = Path(recipe.output_dir)
-    if out.exists() and not out.is_dir():
-        report.problems.append(f"output_dir: {out} exists and is not a folder")
-    elif not os.access(out if out.exists() else _existing_parent(out), os.W_OK):
-        report.problems.append(f"output_dir: {out} is not writable")
-
-    corpora = [("data.forget", c) for c in recipe.data.forget] + [
-        ("data.retain", c) for c in (recipe.data.retain or [])]
+    corpora = [(f"data.forget.{i}" if len(recipe.data.forget) > 1 else "data.forget", c)
+               for i, c in enumerate(recipe.data.forget)]
+    corpora += [(f"data.retain.{i}" if len(recipe.data.retain) > 1 else "data.retain", c)
+                for i, c in enumerate(recipe.data.retain or [])]
     real = {}
     for name, corpus in corpora:
         texts = check(name, lambda c=corpus, n=name: load_texts(c, n))
         if texts is not None:
             report.notes.append(f"{name} {corpus.path}: {len(texts)} texts")
+            report.inputs[name] = texts_fingerprint(texts)
         local = Path(resolve(corpus.path))
         if local.exists():
             real.setdefault(local.resolve(), []).append(name)
     for names in real.values():
-        if {"data.forget", "data.retain"} <= set(names):
+        if any(n.startswith("data.forget") for n in names) and any(
+                n.startswith("data.retain") for n in names):
             report.problems.append("data.retain: the same file as data.forget")
+    report.problems += _check_output_dir(recipe, list(real))
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
+    reference = recipe.model.reference
+    if recipe.algorithm.reference_losses and reference not in ("copy", "none"):
+        from blurctl.recipe import ModelConfig
+
+        check("model.reference", lambda: load_config(recipe, ModelConfig(
+            path=reference, trust_remote_code=recipe.model.trust_remote_code), "model.reference"))
+    report.problems += _eval_problems(recipe, check)
     if config is None:
         return report
+    report.problems += length_problems(recipe, config)
+    report.inputs["model"] = model_fingerprint(recipe.model)
     skeleton = check("model.path", lambda: _skeleton(config, recipe))
     if skeleton is None:
         return report
     report.problems += steering_problems(recipe, config, skeleton)
     counted = _count_params(skeleton, recipe)
-    if counted:
+    if memory and counted:
         need = estimate_training_bytes(counted[0], recipe, counted[1])
         have, where = available_bytes(recipe)
         report.notes.append(f"memory: about {need / 2**30:.2f} GiB needed, {have / 2**30:.1f} GiB in {where}")
@@ -159,6 +221,18 @@ def run_preflight(recipe: Recipe) -> Preflight:
             report.problems.append(f"hardware: training needs about {need / 2**30:.1f} GiB but "
                                    f"{where} offers {have / 2**30:.1f} GiB")
     return report
+
+
+def length_problems(recipe: Recipe, config) -> list[str]:
+    """Chunks no longer than the model's positions."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return []
+    lengths = [("data.max_len", recipe.data.max_len)]
+    lengths += [(f"data.{kind}.{i}.max_len", c.max_len)
+                for kind, group in (("forget", recipe.data.forget), ("retain", recipe.data.retain or []))
+                for i, c in enumerate(group) if c.max_len is not None]
+    return [f"{where}: {n} is beyond the model's {limit} positions" for where, n in lengths if n > limit]
 
 
 def _existing_parent(path: Path) -> Path:

@@ -16,11 +16,11 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
-from blurctl.evaluation import RESULTS
 from blurctl.report import accuracy_keys, format_score
+from blurctl.rundir import ENVIRONMENT, LOG, MODEL, RECIPE, RESULTS
 
 STAGE_DIRNAME = "publish"
-RUN_FILES = ("recipe.yaml", "results.json", "environment.json", "train_log.jsonl")
+RUN_FILES = (RECIPE, RESULTS, ENVIRONMENT, LOG)
 METRICS = {"verbmem_f": ("VerbMem_f", "rougeL"), "knowmem_f": ("KnowMem_f", "rougeL"),
            "knowmem_r": ("KnowMem_r", "rougeL"), "privleak": ("PrivLeak", "privleak")}
 
@@ -61,7 +61,7 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
     """The model card of a run: metadata with model-index, then a readable summary."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe = yaml.safe_load((run_dir / RECIPE).read_text())
     results = json.loads((run_dir / RESULTS).read_text())
     env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").exists() else {}
     base = recipe["model"]["path"]
@@ -122,7 +122,7 @@ def stage(run_dir: Path, repo_id: str, tags: list[str]) -> Path:
     if not (run_dir / RESULTS).is_file():
         raise BlurctlError(f"{run_dir}: no {RESULTS}; a run is published only with its evaluation "
                            f"(run: blurctl eval {run_dir})")
-    model_dir = run_dir / "model"
+    model_dir = run_dir / MODEL
     if not (model_dir / "config.json").is_file():
         raise BlurctlError(f"{run_dir}: no saved model in {model_dir}")
     stage_dir = run_dir / STAGE_DIRNAME

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
-from blurctl.evaluation import RESULTS
+from blurctl.rundir import RECIPE, RESULTS
 
 COLUMNS = [("verbmem_f", "VerbMem_f ↓"), ("knowmem_f", "KnowMem_f ↓"),
            ("knowmem_r", "KnowMem_r ↑"), ("privleak", "PrivLeak →0")]
@@ -37,7 +37,7 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         if not results_path.is_file():
             raise BlurctlError(f"{run_dir}: no {RESULTS}; evaluate it with: blurctl eval {run_dir}")
         results = json.loads(results_path.read_text())
-        recipe_path = run_dir / "recipe.yaml"
+        recipe_path = run_dir / RECIPE
         recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
         models = results.get("models", {})
         for ref, label in (("base", "target (before unlearning)"), ("retrained", "retrained (no D_f)")):

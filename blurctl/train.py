@@ -28,9 +28,9 @@ from blurctl.models import decoder_layers, frozen_copy, load_model, load_tokeniz
 from blurctl.preflight import check_model_config
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, grad_accum, per_corpus
+from blurctl.rundir import LOG as LOG_FILENAME
+from blurctl.rundir import MODEL as MODEL_DIRNAME
 
-MODEL_DIRNAME = "model"
-LOG_FILENAME = "train_log.jsonl"
 
 
 @dataclass(frozen=True)

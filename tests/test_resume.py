@@ -73,7 +73,7 @@ def test_half_written_checkpoint_is_ignored(embedded, tmp_path):
 
 def test_rerun_without_resume_and_resume_with_other_recipe_are_refused(embedded, tmp_path):
     run(load_recipe(DEMO, [*RUN, "train.max_steps=4", f"output_dir={tmp_path}"]))
-    with pytest.raises(BlurctlError, match="holds checkpoints of an earlier run; pass --resume"):
+    with pytest.raises(BlurctlError, match="holds an earlier run .*; pass --resume to continue it, --overwrite"):
         run(load_recipe(DEMO, [*RUN, "train.max_steps=4", f"output_dir={tmp_path}"]))
     with pytest.raises(BlurctlError, match="recipe differs .* in train.lr"):
         run(load_recipe(DEMO, [*RUN, "train.max_steps=4", "train.lr=0.1", f"output_dir={tmp_path}"]),

@@ -1,0 +1,106 @@
+"""The run folder: its layout, its lock, and the recovery of an interrupted final save.
+
+One process at a time writes a run folder: ``locked`` takes an exclusive ``flock`` on
+``RUN/.blurctl.lock`` (released by the kernel when its holder dies, so a killed run's
+lock is taken over) and records who holds it, so a second run, eval or publish into
+the same folder is refused with the holder's name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from blurctl.errors import InputError
+
+RECIPE = "recipe.yaml"
+ENVIRONMENT = "environment.json"
+INPUTS = "inputs.json"
+LOG = "train_log.jsonl"
+MODEL = "model"
+CHECKPOINTS = "checkpoints"
+RESULTS = "results.json"
+EXAMPLES = "eval_examples.json"
+LOCK = ".blurctl.lock"
+# What an earlier run leaves; a new run into a folder holding any of them needs
+# --resume (continue it) or --overwrite (replace it).
+RUN_OUTPUTS = (RECIPE, LOG, MODEL, CHECKPOINTS, RESULTS, EXAMPLES, INPUTS, ENVIRONMENT)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def locked(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold the run folder's lock for the block; InputError if another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"output_dir: {run_dir} is in use by {holder}; wait for it to "
+                             "finish or choose another output_dir") from None
+        before = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        if len(before) > 1 and before[0] == "pid" and before[1].isdigit() \
+                and not _pid_alive(int(before[1])):
+            print(f"note: {run_dir}: taking over the lock of process {before[1]}, which no "
+                  "longer runs", flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (blurctl {command}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """The outputs of an earlier run that ``run_dir`` holds."""
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def clear(run_dir: Path) -> None:
+    """Remove an earlier run's outputs (``--overwrite``); other files stay."""
+    for name in (*RUN_OUTPUTS, f".{MODEL}.tmp", f".{MODEL}.old"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def recover_model(run_dir: Path) -> str | None:
+    """Finish a final save that was interrupted between its two renames.
+
+    ``save_model_atomically`` writes ``.model.tmp`` completely, moves ``model`` to
+    ``.model.old``, then ``.model.tmp`` to ``model``. Killed in between, the folder has
+    no ``model`` but a complete copy: put it back. Returns what was done, or None.
+    """
+    target = run_dir / MODEL
+    if (target / "config.json").is_file():
+        (target / ".complete").unlink(missing_ok=True)  # killed after the last rename
+        return None
+    tmp, old = run_dir / f".{MODEL}.tmp", run_dir / f".{MODEL}.old"
+    # the new model if it was completely written, else the previous one
+    for candidate, complete in ((tmp, tmp / ".complete"), (old, old / "config.json")):
+        if complete.is_file():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(candidate, target)
+            (target / ".complete").unlink(missing_ok=True)
+            return f"restored {target} from {candidate} (the final save had been interrupted)"
+    return None
