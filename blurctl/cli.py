@@ -102,13 +102,24 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
 
 
 def _split_launcher_args(overrides: list[str] | None) -> tuple[list[str], list[str]]:
-    """Overrides, and the launcher arguments the user put after ``--``."""
-    overrides = list(overrides or [])
+    """Overrides, and the launcher arguments the user put after ``--``.
+
+    A ``section.key=value`` after ``--`` would silently go to the launcher: refused.
+    """
+    overrides, extra = list(overrides or []), []
     if "--" in sys.argv:
         extra = sys.argv[sys.argv.index("--") + 1:]
         if extra and overrides[-len(extra):] == extra:
-            return overrides[: -len(extra)], extra
-    return overrides, []
+            overrides = overrides[: -len(extra)]
+        else:
+            extra = []
+    misplaced = [a for a in extra if "=" in a and not a.startswith("-")
+                 and a.split("=", 1)[0].split(".")[0] in Recipe.model_fields]
+    if misplaced:
+        _fail(RecipeError("overrides", [f"{a!r} comes after '--', where it would go to the "
+                                        "launcher; put recipe overrides before '--'"
+                                        for a in misplaced]))
+    return overrides, extra
 
 
 @app.command()
@@ -317,9 +328,15 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
     if not recipe_path.is_file():
         _fail(BlurctlError(f"{run_dir}: not a run folder (no recipe.yaml)"))
     resolved = _load(recipe_path, [])
+    from blurctl.recipe import check_repo_id
+
     repo = repo_id or resolved.publish.repo_id
-    if not repo or repo.count("/") != 1:
-        _fail(BlurctlError("publish: give --repo-id ORG/NAME (or set publish.repo_id)"))
+    if not repo:
+        _fail(InputError("publish: give --repo-id ORG/NAME (or set publish.repo_id)"))
+    try:
+        check_repo_id(repo)
+    except ValueError as exc:
+        _fail(InputError(f"publish: --repo-id: {exc}"))
     try:
         staged = stage(run_dir, repo, resolved.publish.tags)
         files = sorted(p for p in staged.iterdir() if p.is_file())

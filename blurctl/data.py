@@ -35,11 +35,17 @@ def _read_file(path: Path, field: str) -> list[str]:
         raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     if path.suffix == ".txt":
         return [raw]
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}: invalid JSON at line {number}: {exc.msg}") from None
+        return _texts_from_records(records, field, str(path))
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            records = json.loads(raw)
+        records = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     return _texts_from_records(records, field, str(path))
@@ -73,13 +79,15 @@ def load_texts(cfg: CorpusConfig, field_name: str) -> list[str]:
     """The texts of one corpus; ``field_name`` (e.g. ``data.forget``) names it in errors."""
     path = resolve(cfg.path)
     local = Path(path)
+    if local.exists() and not (local.is_file() or local.is_dir()):  # a FIFO would block forever
+        raise InputError(f"{field_name}: {path}: not a regular file or folder")
     if local.is_file():
         if local.suffix not in TEXT_SUFFIXES:
             raise InputError(f"{field_name}: {path}: unsupported file type (use "
                                f"{', '.join(TEXT_SUFFIXES)}, a folder or a hub dataset id)")
         texts = _read_file(local, cfg.text_field)
     elif local.is_dir() and not any(local.glob("*.arrow")) and not (local / "dataset_dict.json").exists():
-        files = sorted(p for p in local.iterdir() if p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in local.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"{field_name}: {path}: folder holds no .txt/.json/.jsonl files")
         texts = [t for f in files for t in _read_file(f, cfg.text_field)]

@@ -58,7 +58,8 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
         if "retrained" in results:
             retrained_auc = results["retrained"]["privleak_auc"]
         elif muse.retrained_model:
-            model = load_model(recipe.model, path=muse.retrained_model)
+            model = load_model(recipe.model, path=muse.retrained_model,
+                               field_name="eval.muse.retrained_model")
             retrained_auc = forget_auc(model, tokenizer, corpus,
                                        muse.batch_size, muse.max_examples)
         if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf

@@ -29,8 +29,10 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None) -> torch.nn.Module:
-    """The causal LM named by ``cfg`` (or by ``path`` when given, e.g. a checkpoint)."""
+def load_model(cfg: ModelConfig, path: str | None = None,
+               field_name: str = "model.path") -> torch.nn.Module:
+    """The causal LM named by ``cfg`` (or by ``path`` when given, e.g. a checkpoint);
+    ``field_name`` names the recipe key in errors."""
     from transformers import AutoModelForCausalLM
 
     source = resolve(path or cfg.path)
@@ -42,7 +44,7 @@ def load_model(cfg: ModelConfig, path: str | None = None) -> torch.nn.Module:
             source, revision=None if path else cfg.revision,
             dtype=DTYPES.get(cfg.dtype, "auto"), trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
-        raise InputError(f"model.path: cannot load model from {source!r} "
+        raise InputError(f"{field_name}: cannot load model from {source!r} "
                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
     return model
 

@@ -194,6 +194,7 @@ def check_inputs(recipe: Recipe, memory: bool = False) -> Preflight:
                 n.startswith("data.retain") for n in names):
             report.problems.append("data.retain: the same file as data.forget")
     report.problems += _check_output_dir(recipe, list(real))
+    report.problems += hardware_problems(recipe)
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
@@ -221,6 +222,20 @@ def check_inputs(recipe: Recipe, memory: bool = False) -> Preflight:
             report.problems.append(f"hardware: training needs about {need / 2**30:.1f} GiB but "
                                    f"{where} offers {have / 2**30:.1f} GiB")
     return report
+
+
+def hardware_problems(recipe: Recipe) -> list[str]:
+    """Settings this machine cannot honour (rather than silently running otherwise)."""
+    import torch
+
+    hw, problems = recipe.hardware, []
+    gpu = torch.cuda.is_available()
+    if hw.device == "cuda" and not gpu:
+        problems.append("hardware.device: 'cuda', but no GPU is visible here "
+                        "(use device: cpu or auto)")
+    if hw.mixed_precision == "fp16" and (hw.device == "cpu" or not gpu):
+        problems.append("hardware.mixed_precision: fp16 needs a GPU; on CPU use bf16 or 'no'")
+    return problems
 
 
 def length_problems(recipe: Recipe, config) -> list[str]:

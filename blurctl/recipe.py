@@ -11,13 +11,20 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+SEED_LIMIT = 2**32  # numpy's seeds run from 0 to 2**32 - 1
+Layer = Annotated[int, Field(ge=0)]
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    """Unknown keys are errors and types are strict: ``lr: true`` is not 1.0, ``batch_size: on``
+    is not 1 (YAML's ``1e-3`` is read as a number by the recipe loader)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              strict=True)
 
 
 class ModelConfig(Section):
@@ -110,13 +117,13 @@ class AlgorithmConfig(Section):
 class SteeringConfig(Section):
     """RMU steering: layer, coefficient and the parameters that train."""
 
-    layer: int = Field(7, ge=0, description="Decoder layer whose output is steered (0-based).")
+    layer: Layer = Field(7, description="Decoder layer whose output is steered (0-based).")
     coeff: float | list[float] = Field(
         6.5, description="Steering coefficient c (one per forget corpus, or one for all).")
-    update_layers: list[int] = Field(default_factory=lambda: [5, 6, 7], min_length=1)
+    update_layers: list[Layer] = Field(default_factory=lambda: [5, 6, 7], min_length=1)
     param_suffix: str = Field("mlp.down_proj.weight",
                               description="Which parameter of each updated layer trains.")
-    seed: int = Field(0, description="Seed of the random control vector u.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the random control vector u.")
 
     @property
     def trained_suffixes(self) -> list[str]:
@@ -194,7 +201,14 @@ class EvalConfig(Section):
 
 
 class PublishConfig(Section):
-    repo_id: str | None = None
+    repo_id: str | None = Field(None, description="ORG/NAME on the Hub.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_repo_id(value)
+        return value
     private: bool = True
     tags: list[str] = Field(default_factory=list)
 
@@ -217,9 +231,10 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     container: ContainerConfig = Field(default_factory=ContainerConfig)
-    output_dir: str = "runs/latest"
-    seed: int = Field(0, description="Training seed (batch order, initialisation); the embedded "
-                                     "benchmark does not depend on it.")
+    output_dir: str = Field("runs/latest", min_length=1)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT,
+                      description="Training seed (batch order, initialisation); the embedded "
+                                  "benchmark does not depend on it.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -255,6 +270,9 @@ def cross_field_problems(r: Recipe) -> list[str]:
         problems.append(f"data.retain: required by algorithm.retain_loss={alg.retain_loss!r}")
     if alg.uses_rmu and r.steering is None:
         problems.append("steering: required by the rmu loss (layer, coeff, update_layers)")
+    if r.steering is not None and not alg.uses_rmu:
+        problems.append("steering: only the rmu losses use it, and neither algorithm loss is rmu; "
+                        "remove the section or choose rmu")
     if r.hardware.strategy == "deepspeed" and alg.combiner in BILEVEL:
         problems.append(f"hardware.strategy: deepspeed shards gradients across ranks and is not "
                         f"supported with combiner {alg.combiner!r}; use fsdp")
@@ -289,6 +307,18 @@ def per_corpus(value: float | list[float], index: int) -> float:
     """The value for forget corpus ``index`` of a scalar-or-list setting."""
     return value[index] if isinstance(value, list) and len(value) > 1 else (
         value[0] if isinstance(value, list) else value)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ValueError unless ``repo_id`` is ORG/NAME as the Hub accepts it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not ORG/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(str(exc).rstrip(".")) from None
 
 
 class RecipeError(Exception):
@@ -356,55 +386,103 @@ def validate_dict(raw: Any, source: str = "recipe") -> Recipe:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` as (["a", "b", "c"], value), the value read as YAML."""
+    """``a.b.c=value`` as (["a", "b", "c"], value), the value read as recipe YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError("override", [f"{text!r}: expected KEY.PATH=VALUE"])
-    return key.split("."), yaml.safe_load(value) if value else None
+    try:
+        return key.split("."), _parse(value) if value else None
+    except (yaml.YAMLError, RecursionError) as exc:
+        where, problem = _yaml_problem(exc)
+        raise RecipeError("override", [f"{text!r}: {where}invalid YAML: {problem}"]) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value``; a number indexes a list (``data.forget.1.max_len=512``)."""
     for text in overrides:
         keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
+        node: Any = raw
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError("override", [f"{text!r}: {'.'.join(keys[:i])} has no item {key}"])
+                key = int(key)
+            elif not isinstance(node.get(key), (dict, list)) and not last:
                 node[key] = {}
-            node = node[key]
-        node[keys[-1]] = value
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
     return raw
 
 
 MAX_ALIASES = 50
+MAX_DEPTH = 20
 MAX_RECIPE_BYTES = 1_000_000
+# YAML 1.1 reads 1e-3 as a string; a recipe means the number (as YAML 1.2 does).
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """The safe loader, refusing documents with more than ``MAX_ALIASES`` aliases
-    (an anchor bomb expands exponentially once anything walks the result)."""
+    """The safe loader, refusing duplicate keys, documents nested deeper than
+    ``MAX_DEPTH`` and more than ``MAX_ALIASES`` aliases (an anchor bomb expands
+    exponentially once anything walks the result)."""
 
     def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
         if self.check_event(yaml.AliasEvent):
             self._aliases = getattr(self, "_aliases", 0) + 1
             if self._aliases > MAX_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*refs); refusing to expand")
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_DEPTH} levels",
+                                           problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 (PyYAML's signature)
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}",
+                                           problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _yaml_problem(exc: BaseException) -> tuple[str, str]:
+    """(``line N: `` or nothing, what is wrong) of a YAML failure."""
+    if isinstance(exc, RecursionError):
+        return "", f"nested deeper than {MAX_DEPTH} levels"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return (f"line {mark.line + 1}: " if mark else ""), problem
 
 
 def read_yaml(path: Path) -> Any:
-    """Parse ``path`` with the safe loader, refusing tags that build Python objects."""
+    """Parse ``path`` with the recipe loader (safe: no tags that build Python objects)."""
     if not path.is_file():
         raise RecipeError(str(path), ["file not found"])
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(str(path), [f"larger than {MAX_RECIPE_BYTES} bytes; not a recipe"])
     try:
-        return yaml.load(path.read_text(), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+        return _parse(path.read_text())
     except UnicodeDecodeError:
         raise RecipeError(str(path), ["not UTF-8 text"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    except (yaml.YAMLError, RecursionError) as exc:
+        where, problem = _yaml_problem(exc)
         raise RecipeError(str(path), [f"{where}invalid YAML: {problem}"]) from None
 
 

@@ -123,7 +123,8 @@ def _reference(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """The frozen pi_ref: a copy of the starting model, or the model at ``model.reference``."""
     if recipe.model.reference == "copy":
         return frozen_copy(model)
-    return frozen_copy(load_model(recipe.model, path=recipe.model.reference))
+    return frozen_copy(load_model(recipe.model, path=recipe.model.reference,
+                                  field_name="model.reference"))
 
 
 def _task_vector_loss(model, ref, batch, ctx) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Hostile inputs: every bad recipe is refused before a model loads, in one line, exit 2."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,10 @@ def workdir(embedded, tmp_path, monkeypatch):
     (tmp_path / "records.jsonl").write_text('{"body": "x"}\n')
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "corpusdir").mkdir()
+    (tmp_path / "corpusdir" / "forget.txt").write_text((raw / "forget.txt").read_text())
+    (tmp_path / "broken5.jsonl").write_text('{"text": "a"}\n' * 4 + '{"text": \n')
+    os.mkfifo(tmp_path / "fifo.txt")  # reading it would block forever
     monkeypatch.chdir(tmp_path)
 
     def no_model(*args, **kwargs):
@@ -99,3 +106,44 @@ def test_numeric_bounds(lr, batch):
         assert ok and recipe.train.lr == lr
     except RecipeError:
         assert not ok
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=[1", "'train.lr=[1': line 1: invalid YAML: "),
+    ("train.lr=!!python/object/apply:os.system [echo]", "invalid YAML: could not determine a constructor"),
+    ("publish.tags=" + "[" * 30 + "x" + "]" * 30, "invalid YAML: nested deeper than 20 levels"),
+    ("train.lr=true", "train.lr: Input should be a valid number"),
+])
+def test_bad_override_is_refused_in_one_line(override, expected):
+    result = runner.invoke(app, ["validate", str(DEMO), override])
+    assert result.exit_code == 2
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_yaml_1_2_floats_are_numbers():
+    from blurctl.recipe import load_recipe
+
+    assert load_recipe(DEMO, ["train.lr=1e-4", "algorithm.eps=1E-9"]).train.lr == 1e-4
+
+
+def test_recipe_override_after_double_dash_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "blurctl", "run", str(DEMO), f"output_dir={tmp_path}",
+                           "--", "--master_port", "29999", "train.lr=0.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: overrides: 'train.lr=0.5' comes after '--', where it would "
+                                   "go to the launcher; put recipe overrides before '--'")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("repo_id", ["../demo", "org/../../etc", "org/na--me", "org/name.git", "noorg"])
+def test_publish_refuses_repo_ids_the_hub_would(embedded, tmp_path, repo_id):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(DEMO.read_text())
+    result = runner.invoke(app, ["publish", str(run_dir), "--repo-id", repo_id, "--dry-run"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: publish: --repo-id: ")
+    assert not (run_dir / "publish").exists()

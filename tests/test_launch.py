@@ -198,7 +198,8 @@ def test_wmdp_recipe_loads_local_jsonl_and_hub_corpora(hub_standins, tmp_path, m
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     run(load_recipe(ROOT / "recipes" / "wmdp.yaml",
-                    [*LOCAL, "steering.layer=2", "steering.update_layers=[0,1,2]", f"output_dir={out}"]))
+                    [*LOCAL, "steering.layer=2", "steering.update_layers=[0,1,2]",
+                     "data.forget.1.max_len=256", f"output_dir={out}"]))  # the stand-in has 512 positions
     assert hub_standins["model"] == ["HuggingFaceH4/zephyr-7b-beta"]
     assert ("cais/wmdp-corpora", "cyber-forget-corpus", "train") in hub_standins["dataset"]
     assert ("wikitext", "wikitext-2-raw-v1", "test") in hub_standins["dataset"]

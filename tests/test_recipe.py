@@ -104,3 +104,12 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "train.epoch: unknown key; did you mean 'epochs'?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_override_can_reach_into_a_list_item():
+    from blurctl.recipe import RecipeError, load_recipe
+
+    wmdp = load_recipe(ROOT / "recipes" / "wmdp.yaml", ["data.forget.1.max_len=256"])
+    assert [c.max_len for c in wmdp.data.forget] == [512, 256]
+    with pytest.raises(RecipeError, match=r"'data.forget.5.max_len=1': data.forget has no item 5"):
+        load_recipe(ROOT / "recipes" / "wmdp.yaml", ["data.forget.5.max_len=1"])
