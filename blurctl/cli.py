@@ -337,15 +337,19 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
         check_repo_id(repo)
     except ValueError as exc:
         _fail(InputError(f"publish: --repo-id: {exc}"))
+    from blurctl import rundir
+
     try:
-        staged = stage(run_dir, repo, resolved.publish.tags)
-        files = sorted(p for p in staged.iterdir() if p.is_file())
-        for f in files:
-            out.print(f"  {f.name}  ({f.stat().st_size:,} bytes)", markup=False)
-        if dry_run:
-            out.print(f"dry run: {len(files)} files staged in {staged} for {repo}; nothing uploaded")
-            return
-        url = upload(staged, repo, resolved.publish.private if private is None else private)
+        with rundir.locked(run_dir, "publish"):
+            staged = stage(run_dir, repo, resolved.publish.tags)
+            files = sorted(p for p in staged.iterdir() if p.is_file())
+            for f in files:
+                out.print(f"  {f.name}  ({f.stat().st_size:,} bytes)", markup=False)
+            if dry_run:
+                out.print(f"dry run: {len(files)} files staged in {staged} for {repo}; "
+                          "nothing uploaded")
+                return
+            url = upload(staged, repo, resolved.publish.private if private is None else private)
     except BlurctlError as exc:
         _fail(exc)
     out.print(f"published: {url}")

@@ -6,6 +6,7 @@
 # and the CPU build of torch in /opt/conda, as in the real image. Then:
 #   podman build, then with --network none inside the image:
 #   blurctl validate on every shipped recipe, and a short run of the embedded default.
+# Last, the Slurm script's docker variant runs one node through podman's docker command.
 # Needs root (or rootless podman). Installs podman & co. with apt-get where missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,6 @@ fi
 if ! podman image exists "$BASE"; then
   echo "== making a stand-in for $BASE (Debian + Python + CPU torch $TORCH)"
   rootfs=$(mktemp -d)
-  trap 'rm -rf "$rootfs"' EXIT
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
   cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
@@ -43,6 +43,7 @@ if ! podman image exists "$BASE"; then
   rm -rf "$rootfs"/tmp/* "$rootfs"/root/.cache
   tar -C "$rootfs" -c . | podman import --change "ENV PATH=$path" \
     --change "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt" - "$BASE" >/dev/null
+  rm -rf "$rootfs"
 fi
 
 echo "== podman build $IMAGE"
@@ -57,4 +58,24 @@ for recipe in recipes/*.yaml; do
 done
 inside run /opt/blurctl/recipes/demo.yaml train.max_steps=2 eval.muse.max_examples=4 \
   eval.lm_eval.limit=8 eval.bootstrap=0 output_dir=/runs/check
+echo "== the Slurm script's docker variant, one node, through podman's docker command"
+work=$(mktemp -d)
+shim=$(mktemp -d)
+trap 'rm -rf "$work" "$shim"' EXIT
+chmod 777 "$work"  # the image runs as uid 1000
+cp recipes/demo.yaml "$work/"
+cp tests/slurm_standins/srun tests/slurm_standins/scontrol "$shim/"
+cat > "$shim/docker" <<'SH'
+#!/bin/bash
+# docker -> podman, with this sandbox's runtime and limits
+if [ "$1" = run ]; then shift; set -- run --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "$@"; fi
+exec podman --runtime runc "$@"
+SH
+chmod +x "$shim/docker"
+podman run --rm --network none "${limits[@]}" -v "$work:$work" -w "$work" "$IMAGE" \
+  launch demo.yaml container.runtime=docker "container.image=$IMAGE" train.max_steps=2 \
+  eval.muse.max_examples=4 eval.lm_eval.limit=8 eval.bootstrap=0 output_dir=run --slurm
+PATH="$shim:$PATH" SLURM_JOB_NUM_NODES=1 SLURM_JOB_ID=$((RANDOM % 10000 + 1)) \
+  SLURM_JOB_NODELIST=localhost bash "$work/run/launch.sbatch"
+test -s "$work/run/results.json"
 echo "== container check passed"

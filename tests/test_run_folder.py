@@ -157,3 +157,19 @@ def test_a_signal_during_evaluation_says_how_to_finish(embedded, tmp_path):
     assert f"evaluation stopped by SIGINT (the trained model is saved in {out / 'model'}; " \
            f"finish with: blurctl eval {out})" in err
     assert "Traceback" not in err
+
+
+def test_eval_and_publish_wait_for_no_one_and_refuse_a_busy_folder(embedded, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    run(load_recipe(DEMO, [*QUICK, f"output_dir={out}"]))
+    with open(out / ".blurctl.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 1 on elsewhere (blurctl run, since now)\n")
+        held.flush()
+        for args in (["eval", str(out)], ["publish", str(out), "--repo-id", "org/name", "--dry-run"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, result.output
+            assert f"output_dir: {out} is in use by pid 1 on elsewhere" in result.stderr
+    assert runner.invoke(app, ["publish", str(out), "--repo-id", "org/name", "--dry-run"]).exit_code == 0
