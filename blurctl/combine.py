@@ -11,7 +11,8 @@ every rank's shard via ``all_reduce``):
 * ``penalty`` (weighted sum):     d = w_f g_f + w_r g_r
 
 The reductions are one dot product per tensor and in-place foreach ops: no host
-synchronisation and no temporary gradient-sized buffer.
+synchronisation and no gradient-sized buffer beyond g_f and g_r (half-precision gradients
+are upcast one tensor at a time for their dot products).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class CombineStats:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> as a 0-d tensor, accumulated in at least float32, with no temporary copy."""
+    """<a, b> as a 0-d tensor, accumulated in at least float32 (a half-precision tensor is
+    upcast, one tensor-sized copy at a time)."""
     if a.dtype in (torch.float16, torch.bfloat16):
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))

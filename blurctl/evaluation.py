@@ -11,7 +11,6 @@ from blurctl.recipe import Recipe
 from blurctl.rundir import EXAMPLES, RESULTS
 
 
-
 def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str | None]:
     """Name -> checkpoint folder (None: the recipe's base model)."""
     models: dict[str, str | None] = {}

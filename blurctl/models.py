@@ -13,7 +13,8 @@ from blurctl.recipe import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+def load_tokenizer(cfg: ModelConfig):
+    """The recipe's tokenizer, right-padded, with a pad token (EOS where it has none)."""
     from transformers import AutoTokenizer
 
     source = resolve(cfg.tokenizer or cfg.path)
@@ -25,7 +26,7 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
                            f"({exc.__class__.__name__})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = padding_side
+    tok.padding_side = "right"
     return tok
 
 

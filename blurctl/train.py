@@ -32,7 +32,6 @@ from blurctl.rundir import LOG as LOG_FILENAME
 from blurctl.rundir import MODEL as MODEL_DIRNAME
 
 
-
 @dataclass(frozen=True)
 class BatchPlan:
     """Which examples each rank uses at each micro-step, from seeded permutations."""
