@@ -51,16 +51,14 @@ def print_table(table: Table) -> None:
 
 def results_table(results: dict) -> Table:
     """Each evaluated model's metrics, with 95% intervals where they were computed."""
-    from blurctl.report import COLUMNS, accuracy_keys
+    from blurctl.metrics import metric_keys, title
 
     models = results.get("models", {})
-    keys = [k for k, _ in COLUMNS] + accuracy_keys(models.values())
-    shown = [k for k in keys if any(k in s for s in models.values())]
+    shown = [k for k in metric_keys(models.values()) if any(k in s for s in models.values())]
     table = Table(title="Evaluation (± half-width of the 95% bootstrap interval)")
     table.add_column("model")
-    titles = dict(COLUMNS)
     for k in shown:
-        table.add_column(titles.get(k, k.removeprefix("acc:") + " acc"), justify="right")
+        table.add_column(title(k), justify="right")
 
     def cell(scores: dict, k: str) -> str:
         if k not in scores or scores[k] is None:

@@ -16,13 +16,12 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
-from blurctl.report import accuracy_keys, format_score
+from blurctl.metrics import ACCURACY_PREFIX, BY_KEY, MUSE_METRICS, accuracy_keys, format_score
 from blurctl.rundir import ENVIRONMENT, LOG, MODEL, RECIPE, RESULTS
 
 STAGE_DIRNAME = "publish"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 RUN_FILES = (RECIPE, RESULTS, ENVIRONMENT, LOG)
-METRICS = {"verbmem_f": ("VerbMem_f", "rougeL"), "knowmem_f": ("KnowMem_f", "rougeL"),
-           "knowmem_r": ("KnowMem_r", "rougeL"), "privleak": ("PrivLeak", "privleak")}
 
 
 def _eval_results(results: dict, corpus_name: str):
@@ -30,15 +29,15 @@ def _eval_results(results: dict, corpus_name: str):
 
     scores = results.get("models", {}).get("unlearned", {})
     out = []
-    for key, (name, metric_type) in METRICS.items():
-        if isinstance(scores.get(key), (int, float)):
+    for m in MUSE_METRICS:
+        if isinstance(scores.get(m.key), (int, float)):
             out.append(EvalResult(task_type="text-generation", task_name="MUSE unlearning",
                                   dataset_type=corpus_name, dataset_name=corpus_name,
-                                  metric_type=metric_type, metric_name=name,
-                                  metric_value=round(float(scores[key]), 4)))
+                                  metric_type=m.hub_type, metric_name=m.name,
+                                  metric_value=round(float(scores[m.key]), 4)))
     for key in accuracy_keys([scores]):
         if isinstance(scores[key], (int, float)):
-            task = key.removeprefix("acc:")
+            task = key.removeprefix(ACCURACY_PREFIX)
             out.append(EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
                                   metric_type="accuracy", metric_name=f"{task} accuracy",
                                   metric_value=round(float(scores[key]), 4)))
@@ -47,9 +46,9 @@ def _eval_results(results: dict, corpus_name: str):
 
 def _results_table(results: dict) -> str:
     models = results.get("models", {})
-    keys = [k for k in METRICS if any(k in s for s in models.values())]
+    keys = [m.key for m in MUSE_METRICS if any(m.key in s for s in models.values())]
     keys += accuracy_keys(models.values())
-    lines = ["| model | " + " | ".join(METRICS.get(k, (k,))[0] for k in keys) + " |",
+    lines = ["| model | " + " | ".join(BY_KEY[k].name if k in BY_KEY else k for k in keys) + " |",
              "| --- |" + " ---: |" * len(keys)]
     for name, scores in models.items():
         cells = [format_score(scores.get(k)) for k in keys]
@@ -77,36 +76,12 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
         tags=sorted({"unlearning", "blur", "blurctl", alg["combiner"], *tags}),
         eval_results=_eval_results(results, muse.get("corpus", "unlearning-eval")) or None)
     versions = "\n".join(f"- {k}: {v}" for k, v in (env.get("packages") or {}).items() if v)
-    text = f"""---
-{card_data.to_yaml()}
----
-
-# {repo_id.split("/")[-1]}
-
-`{base}` after unlearning with **{alg["combiner"]}** (forget loss `{alg["forget_loss"]}`,
-retain loss `{alg.get("retain_loss")}`), made with blurctl.
-
-## Evaluation
-
-{_results_table(results)}
-
-VerbMem_f, KnowMem_f: lower means less of the forget set remains. KnowMem_r: utility,
-higher is better. PrivLeak (MUSE's convention): near 0 is ideal; large negative means
-the forget set still looks memorised (under-unlearned), large positive over-unlearned.
-
-## Recipe
-
-Reproduce with `blurctl run recipe.yaml` (included in this repository):
-
-```yaml
-{yaml.safe_dump(recipe, sort_keys=False).strip()}
-```
-
-## Framework versions
-
-{versions}
-"""
-    return ModelCard(text)
+    return ModelCard.from_template(
+        card_data, template_path=str(MODEL_CARD_TEMPLATE), model_name=repo_id.split("/")[-1],
+        base=base, combiner=alg["combiner"],
+        forget_loss=alg["forget_loss"], retain_loss=alg.get("retain_loss"),
+        results_table=_results_table(results), metrics=MUSE_METRICS,
+        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False).strip(), versions=versions)
 
 
 def _place(src: Path, dst: Path) -> None:

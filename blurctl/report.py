@@ -10,10 +10,9 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
+from blurctl.metrics import format_score, metric_keys, title
 from blurctl.rundir import RECIPE, RESULTS
 
-COLUMNS = [("verbmem_f", "VerbMem_f ↓"), ("knowmem_f", "KnowMem_f ↓"),
-           ("knowmem_r", "KnowMem_r ↑"), ("privleak", "PrivLeak →0")]
 
 
 def method_name(recipe: dict) -> str:
@@ -73,26 +72,9 @@ def aggregate_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def accuracy_keys(score_dicts) -> list[str]:
-    """The lm-eval accuracy keys (``acc:<task>``) present in any of ``score_dicts``, sorted."""
-    return sorted({k for s in score_dicts for k in s
-                   if k.startswith("acc:") and not k.endswith(("_stderr", "_sd"))})
-
-
-def metric_keys(rows: list[dict]) -> list[str]:
-    return [k for k, _ in COLUMNS] + accuracy_keys(rows)
-
-
-def format_score(value, sd=None) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return f"{value:.2f} ± {sd:.2f}" if isinstance(sd, (int, float)) else f"{value:.2f}"
-
-
 def to_markdown(rows: list[dict]) -> str:
     keys = metric_keys(rows)
-    titles = dict(COLUMNS)
-    head = ["run", "method", *(titles.get(k, k) for k in keys)]
+    head = ["run", "method", *(title(k) for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join([r["run"], r["method"], *(
@@ -130,9 +112,8 @@ def plot(rows: list[dict], path: Path, forget_key: str = "knowmem_f",
                     capsize=3, zorder=3)
         ax.annotate(r["run"], (r[utility_key], r[forget_key]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
-    titles = dict(COLUMNS)
-    ax.set_xlabel(f"{titles.get(utility_key, utility_key)} (utility)")
-    ax.set_ylabel(f"{titles.get(forget_key, forget_key)} (remaining knowledge of D_f)")
+    ax.set_xlabel(f"{title(utility_key)} (utility)")
+    ax.set_ylabel(f"{title(forget_key)} (remaining knowledge of D_f)")
     seeded = any(f"{forget_key}_sd" in r for r in rows)
     ax.set_title("Forget vs utility: lower right is better"
                  + (" (mean ± sd over seeds)" if seeded else ""))

@@ -142,3 +142,17 @@ def test_hub_refusal_is_one_line(evaluated_run, monkeypatch):
     assert result.exit_code == 1
     assert "HTTP 401" in result.stderr and "HF_TOKEN" in result.stderr
     assert TOKEN not in result.stderr
+
+
+def test_model_card_is_rendered_from_its_template(evaluated_run, fake_hub):
+    from blurctl.metrics import MUSE_METRICS
+
+    result = runner.invoke(app, ["publish", str(evaluated_run), "--repo-id", "org/demo-blur", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    card = (evaluated_run / "publish" / "README.md").read_text()
+    assert "\n# demo-blur\n" in card
+    assert "`embedded:target` after unlearning with **blur** (forget loss `npo`," in card
+    for metric in MUSE_METRICS:
+        assert f"- {metric.title}: {metric.meaning}" in card
+    assert "| model | VerbMem_f | KnowMem_f | KnowMem_r | PrivLeak |" in card
+    assert "```yaml\nmodel:\n  path: embedded:target" in card and "{{" not in card
