@@ -89,7 +89,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     if preflight:
         from blurctl.preflight import check_inputs
 
-        report = check_inputs(resolved, memory=True)
+        report = check_inputs(resolved)
         for note in report.notes:
             err.print(f"preflight: {note}", markup=False)
         if report.problems:

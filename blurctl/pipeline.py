@@ -19,7 +19,8 @@ from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
 
 def check_inputs_or_fail(recipe: Recipe) -> dict[str, str]:
-    """Every input problem at once (InputError, one line each), else the inputs' fingerprints."""
+    """What `validate --preflight` finds, all at once (InputError, one line each), else the
+    inputs' fingerprints."""
     from blurctl.preflight import check_inputs
 
     report = check_inputs(recipe)

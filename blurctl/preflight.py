@@ -153,12 +153,12 @@ def _eval_problems(recipe: Recipe, check) -> list[str]:
     return problems
 
 
-def check_inputs(recipe: Recipe, memory: bool = False) -> Preflight:
+def check_inputs(recipe: Recipe) -> Preflight:
     """Every problem with the recipe's inputs, found without loading weights.
 
     Corpora (read, not empty), tokenizer, model and reference configs, RMU layers and
     sequence length, the evaluation's corpus, models and lm-eval tasks, the output
-    folder; with ``memory``, the training memory estimate against the hardware. Also
+    folder, the hardware, and the training memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
     from blurctl.data import load_texts
@@ -214,7 +214,7 @@ def check_inputs(recipe: Recipe, memory: bool = False) -> Preflight:
         return report
     report.problems += steering_problems(recipe, config, skeleton)
     counted = _count_params(skeleton, recipe)
-    if memory and counted:
+    if counted:
         need = estimate_training_bytes(counted[0], recipe, counted[1])
         have, where = available_bytes(recipe)
         report.notes.append(f"memory: about {need / 2**30:.2f} GiB needed, {have / 2**30:.1f} GiB in {where}")

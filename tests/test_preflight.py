@@ -34,7 +34,7 @@ def test_every_problem_is_reported_at_once(embedded, tmp_path):
 
 def test_memory_that_does_not_fit_is_refused(embedded, monkeypatch):
     monkeypatch.setattr(preflight, "available_bytes", lambda recipe: (1_000_000, "free RAM"))
-    report = preflight.check_inputs(load_recipe(DEMO), memory=True)
+    report = preflight.check_inputs(load_recipe(DEMO))
     assert any(p.startswith("hardware: training needs about") for p in report.problems)
 
 
