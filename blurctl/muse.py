@@ -26,6 +26,10 @@ from blurctl.progress import progress_bar
 
 MINK_FRACTION = 0.4
 KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
+# What evaluate_muse reads from a corpus in MUSE's layout (preflight checks them).
+MUSE_FILES = ("verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
+              "knowmem/retain_qa.json", "knowmem/retain_qa_icl.json", "privleak/forget.json",
+              "privleak/holdout.json")
 
 
 @dataclass

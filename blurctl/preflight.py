@@ -110,11 +110,6 @@ def _count_params(model, recipe: Recipe) -> tuple[int, int]:
     return total, total
 
 
-MUSE_FILES = ("verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
-              "knowmem/retain_qa.json", "knowmem/retain_qa_icl.json", "privleak/forget.json",
-              "privleak/holdout.json")
-
-
 def _check_output_dir(recipe: Recipe, corpora: list[Path]) -> list[str]:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
@@ -131,9 +126,17 @@ def _check_output_dir(recipe: Recipe, corpora: list[Path]) -> list[str]:
     return []
 
 
+def _other_model_config(recipe: Recipe, path: str, field_name: str):
+    """The config of another model the recipe names (reference, retrained), or InputError."""
+    from blurctl.recipe import ModelConfig
+
+    return load_config(recipe, ModelConfig(path=path, trust_remote_code=recipe.model.trust_remote_code),
+                       field_name)
+
+
 def _eval_problems(recipe: Recipe, check) -> list[str]:
     """The evaluation's inputs, found before training rather than after it."""
-    from blurctl.recipe import ModelConfig
+    from blurctl.muse import MUSE_FILES
 
     problems, muse = [], recipe.eval.muse
     if muse is not None:
@@ -143,9 +146,8 @@ def _eval_problems(recipe: Recipe, check) -> list[str]:
             problems.append(f"eval.muse.corpus: {corpus}: missing {', '.join(missing)} "
                             "(MUSE's layout)")
         if muse.retrained_model:
-            check("eval.muse.retrained_model", lambda: load_config(recipe, ModelConfig(
-                path=muse.retrained_model, trust_remote_code=recipe.model.trust_remote_code),
-                "eval.muse.retrained_model"))
+            check("eval.muse.retrained_model", lambda: _other_model_config(
+                recipe, muse.retrained_model, "eval.muse.retrained_model"))
     if recipe.eval.lm_eval is not None:
         from blurctl.harness import task_manager
 
@@ -200,10 +202,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     config = check("model.path", lambda: load_config(recipe))
     reference = recipe.model.reference
     if recipe.algorithm.reference_losses and reference not in ("copy", "none"):
-        from blurctl.recipe import ModelConfig
-
-        check("model.reference", lambda: load_config(recipe, ModelConfig(
-            path=reference, trust_remote_code=recipe.model.trust_remote_code), "model.reference"))
+        check("model.reference", lambda: _other_model_config(recipe, reference, "model.reference"))
     report.problems += _eval_problems(recipe, check)
     if config is None:
         return report
@@ -239,14 +238,17 @@ def hardware_problems(recipe: Recipe) -> list[str]:
 
 
 def length_problems(recipe: Recipe, config) -> list[str]:
-    """Chunks no longer than the model's positions."""
+    """Chunks no longer than the model's positions (``data.max_len`` only where a corpus
+    has no ``max_len`` of its own)."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is None:
         return []
-    lengths = [("data.max_len", recipe.data.max_len)]
-    lengths += [(f"data.{kind}.{i}.max_len", c.max_len)
-                for kind, group in (("forget", recipe.data.forget), ("retain", recipe.data.retain or []))
-                for i, c in enumerate(group) if c.max_len is not None]
+    corpora = [(f"data.{kind}.{i}.max_len", c) for kind, group in
+               (("forget", recipe.data.forget), ("retain", recipe.data.retain or []))
+               for i, c in enumerate(group)]
+    lengths = [(where, c.max_len) for where, c in corpora if c.max_len is not None]
+    if any(c.max_len is None for _, c in corpora):
+        lengths.insert(0, ("data.max_len", recipe.data.max_len))
     return [f"{where}: {n} is beyond the model's {limit} positions" for where, n in lengths if n > limit]
 
 

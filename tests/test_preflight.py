@@ -47,3 +47,19 @@ def test_memory_estimate_counts_buffers_and_reference():
     assert preflight.estimate_training_bytes(n, npo) == n * (4 + 8 + 8 + 4)
     rmu = load_recipe(DEMO, ["algorithm.forget_loss=rmu", "algorithm.retain_loss=rmu", "steering.layer=2"])
     assert preflight.estimate_training_bytes(n, rmu, trainable=10) == n * 4 + 10 * (8 + 8) + n * 4
+
+
+def test_data_max_len_is_checked_only_where_a_corpus_uses_it(embedded):
+    from types import SimpleNamespace
+
+    from blurctl.recipe import load_recipe
+
+    config = SimpleNamespace(max_position_embeddings=512)
+    forget = "data.forget={path: embedded:corpus/raw/forget.txt, max_len: 128}"
+    own = load_recipe(DEMO, ["data.max_len=4096", forget])
+    assert preflight.length_problems(own, config) == [
+        "data.max_len: 4096 is beyond the model's 512 positions"]  # the retain corpus uses it
+    both = load_recipe(DEMO, ["data.max_len=4096", forget,
+                              "data.retain={path: embedded:corpus/raw/retain1.txt, max_len: 600}"])
+    assert preflight.length_problems(both, config) == [
+        "data.retain.0.max_len: 600 is beyond the model's 512 positions"]
