@@ -14,8 +14,8 @@ import time
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blurctl.bench.build import ensure_benchmark
-from blurctl.muse import knowmem, read_json, verbmem
+from blurctl.data.bench.build import ensure_benchmark
+from blurctl.evaluate.muse import knowmem, read_json, verbmem
 
 
 def run_all(model, tok, corpus, batch_size: int) -> tuple[float, list]:

@@ -4,7 +4,7 @@
     python benchmarks/step_cost.py --sizes 4096:32    # hidden:layers, on a GPU if present
 
 Three variants, same losses (GA forget + GDR retain) and the same batches:
-  blur     two backward passes, g_f set aside, combined by blurctl.combine.combine_
+  blur     two backward passes, g_f set aside, combined by blurctl.unlearn.combine.combine_
   penalty  the same two passes, combined as w_f*g_f + w_r*g_r (blurctl's penalty)
   sum      one backward pass of w_f*f + w_r*r (the cheapest weighted sum)
 Times are interleaved in one process, so the ratios share machine conditions. Peak
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from blurctl.combine import Weights, combine_
-from blurctl.losses import LossContext, ga, gdr
-from blurctl.train import _take_grads
+from blurctl.unlearn.combine import Weights, combine_
+from blurctl.unlearn.loop import _take_grads
+from blurctl.unlearn.losses import LossContext, ga, gdr
 
 VARIANTS = ("blur", "penalty", "sum")
 

@@ -51,7 +51,7 @@ def print_table(table: Table) -> None:
 
 def results_table(results: dict) -> Table:
     """Each evaluated model's metrics, with 95% intervals where they were computed."""
-    from blurctl.metrics import metric_keys, title
+    from blurctl.evaluate.metrics import metric_keys, title
 
     models = results.get("models", {})
     shown = [k for k in metric_keys(models.values()) if any(k in s for s in models.values())]
@@ -87,7 +87,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     if not quiet:
         out.print(recipe_yaml(resolved), markup=False, end="")
     if preflight:
-        from blurctl.preflight import check_inputs
+        from blurctl.pipeline.preflight import check_inputs
 
         report = check_inputs(resolved)
         for note in report.notes:
@@ -136,8 +136,8 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None,
     """
     import subprocess
 
-    from blurctl.launch import launch_command, needs_launch
-    from blurctl.pipeline import run as run_pipeline
+    from blurctl.launch.launcher import launch_command, needs_launch
+    from blurctl.pipeline.job import run as run_pipeline
 
     overrides, launcher_args = _split_launcher_args(overrides)
     resolved = _load(recipe, overrides)
@@ -167,7 +167,7 @@ def eval_(target: Annotated[Path, typer.Argument(
     Examples: blurctl eval runs/demo    blurctl eval recipes/demo.yaml --model runs/demo/model
     """
     from blurctl import rundir
-    from blurctl.evaluation import evaluate
+    from blurctl.evaluate.stage import evaluate
 
     if target.is_dir():
         recipe_path, out_dir = target / "recipe.yaml", target
@@ -200,7 +200,7 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run folders to compa
 
     Example: blurctl report runs/blur runs/penalty --out runs/report
     """
-    from blurctl.report import to_markdown, write_report
+    from blurctl.evaluate.report import to_markdown, write_report
 
     try:
         rows = write_report(runs, out_dir)
@@ -224,9 +224,9 @@ def sweep(recipe: RecipeArg,
     Examples: blurctl sweep recipes/demo.yaml algorithm.combiner=blur,penalty train.lr=5e-4,1e-3
               blurctl sweep recipes/demo.yaml --variants benchmarks/embedded_methods.yaml
     """
-    from blurctl.pipeline import run as run_pipeline
-    from blurctl.report import to_markdown, write_report
-    from blurctl.sweep import expand, read_variants
+    from blurctl.evaluate.report import to_markdown, write_report
+    from blurctl.pipeline.job import run as run_pipeline
+    from blurctl.pipeline.sweep import expand, read_variants
 
     try:
         named = read_variants(variants) if variants else None
@@ -276,8 +276,8 @@ def launch(recipe: RecipeArg, overrides: OverridesArg = None,
     """
     import shlex
 
-    from blurctl.launch import SlurmOptions, launch_command, slurm_script
-    from blurctl.launch import submit as sbatch
+    from blurctl.launch.launcher import SlurmOptions, launch_command, slurm_script
+    from blurctl.launch.launcher import submit as sbatch
 
     overrides, launcher_args = _split_launcher_args(overrides)
     resolved = _load(recipe, overrides)
@@ -320,7 +320,7 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
     The token comes from HF_TOKEN or the Hugging Face credential store.
     Example: blurctl publish runs/demo --repo-id my-org/demo-blur --dry-run
     """
-    from blurctl.publish import stage, upload
+    from blurctl.hub.publish import stage, upload
 
     recipe_path = run_dir / "recipe.yaml"
     if not recipe_path.is_file():
@@ -366,7 +366,7 @@ def bench_build(dest: Annotated[Path, typer.Argument(
     and lists every file whose sha256 differs from the one blurctl ships.
     Example: blurctl bench build /tmp/bench
     """
-    from blurctl.bench.build import ARTIFACTS, MANIFEST, build, compare_with_shipped
+    from blurctl.data.bench.build import ARTIFACTS, MANIFEST, build, compare_with_shipped
 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         _fail(BlurctlError(f"bench build: {dest} exists and is not an empty folder"))

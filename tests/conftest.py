@@ -10,6 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded benchmark, set up once from the shipped, checksummed copy."""
-    from blurctl.bench.build import ensure_benchmark
+    from blurctl.data.bench.build import ensure_benchmark
 
     return ensure_benchmark()

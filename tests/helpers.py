@@ -38,7 +38,7 @@ def start_run(*args: str, capture: bool = False):
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    from blurctl.checkpoint import checkpoint_dirs
+    from blurctl.unlearn.checkpoint import checkpoint_dirs
 
     found = checkpoint_dirs(run_dir)
     return found[-1][0] if found else 0

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import DEMO, log_rows, weights
 from safetensors.torch import load_file
 
-from blurctl.pipeline import run
+from blurctl.pipeline.job import run
 from blurctl.recipe import RecipeError, load_recipe
-
-from helpers import DEMO, log_rows, weights
 
 BASE = ["train.max_steps=2", "eval.muse=null", "train.batch_size=2"]
 RMU_STEERING = ["steering.layer=2", "steering.update_layers=[0,1,2]"]

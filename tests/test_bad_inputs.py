@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import DEMO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from blurctl.cli import app
 from blurctl.recipe import RecipeError, validate_dict
-
-from helpers import DEMO
 
 BAD = sorted((Path(__file__).parent / "bad_recipes").glob("*.yaml"))
 runner = CliRunner()
@@ -42,7 +41,7 @@ def workdir(embedded, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded for a bad recipe")
 
-    monkeypatch.setattr("blurctl.train.load_model", no_model)
+    monkeypatch.setattr("blurctl.unlearn.loop.load_model", no_model)
     return tmp_path
 
 
@@ -84,7 +83,8 @@ def test_unknown_keys_are_always_named(section, key, value):
     raw = yaml.safe_load(DEMO.read_text())
     if key in raw[section]:
         return
-    from blurctl.recipe import Recipe, _models_in
+    from blurctl.recipe import Recipe
+    from blurctl.recipe.loader import _models_in
 
     model = _models_in(Recipe.model_fields[section].annotation)[0]
     if key in model.model_fields:

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from blurctl.bench import build as bench
-from blurctl.bench.build import bench_dir, ensure_benchmark, resolve
-from blurctl.bench.corpus import make_split, write_muse_layout
+from blurctl.data.bench import build as bench
+from blurctl.data.bench.build import bench_dir, ensure_benchmark
+from blurctl.data.bench.corpus import make_split, write_muse_layout
+from blurctl.data.sources import resolve
 
 MUSE_FILES = ["raw/forget.txt", "raw/retain1.txt", "raw/retain2.txt", "raw/holdout.txt",
               "verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
@@ -45,10 +46,11 @@ def test_forget_facts_appear_only_in_forget_corpus(tmp_path):
 
 
 def test_built_benchmark_has_models_that_memorised_forget(embedded):
+    from transformers import AutoModelForCausalLM
+
+    from blurctl.evaluate.muse import knowmem, read_json
     from blurctl.models import load_tokenizer
     from blurctl.recipe import ModelConfig
-    from blurctl.muse import knowmem, read_json
-    from transformers import AutoModelForCausalLM
 
     root = ensure_benchmark()
     assert root == bench_dir() and (root / "READY").exists()
@@ -64,9 +66,9 @@ def test_built_benchmark_has_models_that_memorised_forget(embedded):
 
 
 def test_the_set_up_benchmark_is_the_shipped_one_whatever_the_recipe_seed(embedded):
-    from blurctl.recipe import load_recipe
-
     from helpers import DEMO
+
+    from blurctl.recipe import load_recipe
 
     shipped = bench.read_manifest(bench.ARTIFACTS / bench.MANIFEST)
     assert bench.checksums(embedded).items() >= shipped.items()

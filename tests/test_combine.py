@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blurctl.combine import Weights, combine, combine_
+from blurctl.unlearn.combine import Weights, combine, combine_
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from blurctl.data import chunk_texts, collate, load_texts
+from blurctl.data.corpora import chunk_texts, collate, load_texts
 from blurctl.errors import BlurctlError
 from blurctl.recipe import CorpusConfig
 
@@ -94,7 +94,7 @@ def test_chunks_start_with_bos_and_respect_max_len():
 def test_truncate_keeps_the_first_chunk_of_each_document_as_wmdp_does(tmp_path):
     assert chunk_texts(["abcdefg", "hi"], CharTokenizer(), max_len=4, first_only=True) == [
         [1, 97, 98, 99], [1, 104, 105]]
-    from blurctl.data import corpus_chunks
+    from blurctl.data.corpora import corpus_chunks
     from blurctl.recipe import DataConfig
 
     (tmp_path / "bio.jsonl").write_text('{"text": "abcdefgh"}\n{"text": "ijklmnop"}\n')
@@ -109,7 +109,7 @@ def test_truncate_keeps_the_first_chunk_of_each_document_as_wmdp_does(tmp_path):
 
 
 def test_unshuffled_batches_follow_file_order_over_epochs():
-    from blurctl.train import BatchPlan
+    from blurctl.unlearn.loop import BatchPlan
 
     plan = BatchPlan(6, 4, 1, 0, seed=3, shuffle=False)
     assert [plan.indices(k) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
@@ -119,11 +119,10 @@ def test_unshuffled_batches_follow_file_order_over_epochs():
 
 def test_adam_eps_reaches_the_optimizer():
     import torch
+    from helpers import DEMO
 
     from blurctl.recipe import load_recipe
-    from blurctl.train import _optimizer
-
-    from helpers import DEMO
+    from blurctl.unlearn.loop import _optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     opt, _ = _optimizer(params, load_recipe(DEMO, ["train.adam_eps=1e-6"]), 10)

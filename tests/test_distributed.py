@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-
-from blurctl.pipeline import run
-from blurctl.recipe import load_recipe
-
 from helpers import DEMO, free_port, log_rows, weights
+
+from blurctl.pipeline.job import run
+from blurctl.recipe import load_recipe
 
 # SGD, so that weights of equal runs differ only by lr x float32 rounding of the reduced
 # gradients (see test_algorithms.EQUAL_RUNS): comparable on any CPU.

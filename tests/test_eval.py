@@ -4,15 +4,23 @@ import json
 
 import pytest
 import torch
+from helpers import DEMO
 from typer.testing import CliRunner
 
 from blurctl.cli import app
 from blurctl.errors import BlurctlError
-from blurctl.muse import (auc_ci, bootstrap_ci, cut_answer, generate, membership_auc,
-                          mink_scores, privleak, read_json, rouge_l_f1)
+from blurctl.evaluate.muse import (
+    auc_ci,
+    bootstrap_ci,
+    cut_answer,
+    generate,
+    membership_auc,
+    mink_scores,
+    privleak,
+    read_json,
+    rouge_l_f1,
+)
 from blurctl.recipe import load_recipe
-
-from helpers import DEMO
 
 runner = CliRunner()
 
@@ -52,7 +60,7 @@ def test_rouge_and_cut_rules():
 
 
 def test_verbmem_reference_keeps_the_bos_slot(target):
-    from blurctl.muse import verbmem_reference
+    from blurctl.evaluate.muse import verbmem_reference
 
     _, tok = target
     gt = "A somewhat longer text with more tokens in it, to cut somewhere."
@@ -94,7 +102,7 @@ def test_auc_orientation_and_intervals():
 
 
 def test_lm_eval_in_memory_and_checkpoint_agree(embedded, target):
-    from blurctl.harness import run_lm_eval
+    from blurctl.evaluate.harness import run_lm_eval
 
     model, tok = target
     cfg = load_recipe(DEMO).eval.lm_eval
@@ -107,7 +115,7 @@ def test_lm_eval_in_memory_and_checkpoint_agree(embedded, target):
 
 
 def test_unknown_lm_eval_task_is_named(embedded, target):
-    from blurctl.harness import run_lm_eval
+    from blurctl.evaluate.harness import run_lm_eval
 
     cfg = load_recipe(DEMO, ["eval.lm_eval.tasks=[embedded_forget_mcq]"]).eval.lm_eval
     with pytest.raises(BlurctlError, match="unknown task 'embedded_forget_mcq' .did you mean 'embedded_forget_mc'"):
@@ -115,14 +123,14 @@ def test_unknown_lm_eval_task_is_named(embedded, target):
 
 
 def test_eval_crash_keeps_model_and_eval_finishes_later(embedded, tmp_path, monkeypatch):
-    import blurctl.evaluation as evaluation
-    from blurctl.pipeline import run
+    import blurctl.evaluate.stage as evaluation
+    from blurctl.pipeline.job import run
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(evaluation, "evaluate_muse", crash, raising=False)
-    monkeypatch.setattr("blurctl.muse.evaluate_muse", crash)
+    monkeypatch.setattr("blurctl.evaluate.muse.evaluate_muse", crash)
     recipe = load_recipe(DEMO, ["train.max_steps=2", "eval.compare_base=false", "eval.lm_eval=null",
                                 "eval.muse.max_examples=3", "eval.bootstrap=50", f"output_dir={tmp_path}"])
     with pytest.raises(BlurctlError, match=r"evaluation failed: RuntimeError: CUDA error.*blurctl eval"):

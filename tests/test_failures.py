@@ -5,14 +5,13 @@ import warnings
 
 import pytest
 import torch
-
-from blurctl import checkpoint, losses
-from blurctl.checkpoint import checkpoint_dirs
-from blurctl.errors import BlurctlError
-from blurctl.pipeline import run
-from blurctl.recipe import load_recipe
-
 from helpers import DEMO, log_rows, weights
+
+from blurctl.errors import BlurctlError
+from blurctl.pipeline.job import run
+from blurctl.recipe import load_recipe
+from blurctl.unlearn import checkpoint, losses
+from blurctl.unlearn.checkpoint import checkpoint_dirs
 
 RUN = ["train.max_steps=24", "train.save_every=6", "eval.muse=null", "eval.lm_eval=null",
        "train.batch_size=2", "train.lr=1e-3"]

@@ -3,15 +3,14 @@ MUSE's own metric code (tests/muse_transcription.py, which does not import blurc
 
 import json
 
-import pytest
-
 import muse_transcription as muse
+import pytest
 from helpers import DEMO
 
 
 @pytest.fixture(scope="module")
 def run_dir(embedded, tmp_path_factory):
-    from blurctl.pipeline import run
+    from blurctl.pipeline.job import run
     from blurctl.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("fidelity")

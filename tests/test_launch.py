@@ -5,18 +5,17 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from helpers import DEMO, ROOT
 from packaging.requirements import Requirement
 from typer.testing import CliRunner
 
 from blurctl.cli import app
-from blurctl.launch import SlurmOptions, launch_command, slurm_script
+from blurctl.launch.launcher import SlurmOptions, launch_command, slurm_script
 from blurctl.recipe import grad_accum, load_recipe
-
-from helpers import DEMO, ROOT
 
 runner = CliRunner()
 RECIPES = ["muse_news", "muse_books", "wmdp", "demo"]
@@ -174,7 +173,7 @@ def hub_standins(embedded, monkeypatch):
 
 
 def test_muse_recipe_loads_hub_model_and_local_corpus(hub_standins, embedded, tmp_path, monkeypatch):
-    from blurctl.pipeline import run
+    from blurctl.pipeline.job import run
 
     raw = tmp_path / "data" / "news" / "raw"
     raw.mkdir(parents=True)
@@ -190,7 +189,7 @@ def test_muse_recipe_loads_hub_model_and_local_corpus(hub_standins, embedded, tm
 def test_wmdp_recipe_loads_local_jsonl_and_hub_corpora(hub_standins, tmp_path, monkeypatch):
     import json
 
-    from blurctl.pipeline import run
+    from blurctl.pipeline.job import run
 
     bio = tmp_path / "data" / "wmdp" / "bio_remove_dataset.jsonl"
     bio.parent.mkdir(parents=True)
@@ -225,9 +224,9 @@ def _matches_single_process(run_dir, tmp_path):
     """The multi-process run logged what one process with the same global batch logs."""
     import json
 
-    from blurctl.pipeline import run
-
     from helpers import log_rows
+
+    from blurctl.pipeline.job import run
 
     single = tmp_path / "single"
     run(load_recipe(DEMO, [*SHORT, "eval.muse=null", "train.batch_size=4", f"output_dir={single}"]))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from blurctl.losses import LossContext, ga, gdr, klr, npo, simnpo, token_logprobs
-from blurctl.models import frozen_copy
+from blurctl.models import frozen_copy, token_logprobs
 from blurctl.recipe import AlgorithmConfig
+from blurctl.unlearn.losses import LossContext, ga, gdr, klr, npo, simnpo
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_rmu_reads_the_decoder_layer_output_itself(model, batch, layer):
     at the last layer that is *before* the final norm, unlike ``hidden_states[-1]``."""
     import copy
 
-    from blurctl.losses import rmu_forget
     from blurctl.recipe import SteeringConfig
+    from blurctl.unlearn.losses import rmu_forget
 
     control = torch.rand(32, generator=torch.Generator().manual_seed(3))
     control /= control.norm()

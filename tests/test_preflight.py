@@ -1,12 +1,12 @@
 """validate --preflight: corpora, tokenizer, model config, RMU layers, memory."""
 
+from helpers import DEMO
 from typer.testing import CliRunner
 
-from blurctl import preflight
+from blurctl import models
 from blurctl.cli import app
+from blurctl.pipeline import preflight
 from blurctl.recipe import load_recipe
-
-from helpers import DEMO
 
 runner = CliRunner()
 
@@ -57,9 +57,9 @@ def test_data_max_len_is_checked_only_where_a_corpus_uses_it(embedded):
     config = SimpleNamespace(max_position_embeddings=512)
     forget = "data.forget={path: embedded:corpus/raw/forget.txt, max_len: 128}"
     own = load_recipe(DEMO, ["data.max_len=4096", forget])
-    assert preflight.length_problems(own, config) == [
+    assert models.length_problems(own, config) == [
         "data.max_len: 4096 is beyond the model's 512 positions"]  # the retain corpus uses it
     both = load_recipe(DEMO, ["data.max_len=4096", forget,
                               "data.retain={path: embedded:corpus/raw/retain1.txt, max_len: 600}"])
-    assert preflight.length_problems(both, config) == [
+    assert models.length_problems(both, config) == [
         "data.retain.0.max_len: 600 is beyond the model's 512 positions"]

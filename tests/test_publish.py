@@ -5,13 +5,12 @@ import json
 
 import pytest
 import yaml
+from helpers import DEMO
 from typer.testing import CliRunner
 
 from blurctl.cli import app
-from blurctl.pipeline import run
+from blurctl.pipeline.job import run
 from blurctl.recipe import load_recipe
-
-from helpers import DEMO
 
 TOKEN = "hf_plantedSecretToken1234567890abcdef"
 runner = CliRunner()
@@ -145,7 +144,7 @@ def test_hub_refusal_is_one_line(evaluated_run, monkeypatch):
 
 
 def test_model_card_is_rendered_from_its_template(evaluated_run, fake_hub):
-    from blurctl.metrics import MUSE_METRICS
+    from blurctl.evaluate.metrics import MUSE_METRICS
 
     result = runner.invoke(app, ["publish", str(evaluated_run), "--repo-id", "org/demo-blur", "--dry-run"])
     assert result.exit_code == 0, result.output

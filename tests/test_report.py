@@ -6,13 +6,12 @@ import json
 
 import pytest
 import yaml
+from helpers import DEMO
 from typer.testing import CliRunner
 
 from blurctl.cli import app
+from blurctl.pipeline.sweep import expand, parse_axis
 from blurctl.recipe import RecipeError
-from blurctl.sweep import expand, parse_axis
-
-from helpers import DEMO
 
 runner = CliRunner()
 
@@ -81,7 +80,7 @@ def test_sweep_dry_run_lists_runs():
 
 
 def test_sweep_variants_cross_the_grid_and_single_values_are_shared(tmp_path):
-    from blurctl.sweep import read_variants
+    from blurctl.pipeline.sweep import read_variants
 
     variants = read_variants(DEMO.parents[1] / "benchmarks" / "embedded_methods.yaml")
     assert list(variants)[0] == "BLUR" and "RMU" in variants

@@ -7,13 +7,12 @@ import time
 
 import pytest
 import torch
-
-from blurctl.checkpoint import checkpoint_dirs
-from blurctl.errors import BlurctlError
-from blurctl.pipeline import run
-from blurctl.recipe import load_recipe
-
 from helpers import DEMO, log_rows, newest_checkpoint, start_run, wait_for_checkpoints, weights
+
+from blurctl.errors import BlurctlError
+from blurctl.pipeline.job import run
+from blurctl.recipe import load_recipe
+from blurctl.unlearn.checkpoint import checkpoint_dirs
 
 RUN = ["train.max_steps=24", "train.save_every=3", "train.keep_checkpoints=2", "eval.muse=null",
        "train.batch_size=2", "train.lr=1e-3"]

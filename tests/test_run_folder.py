@@ -12,14 +12,13 @@ import sys
 import time
 
 import pytest
+from helpers import DEMO, log_rows, start_run, weights
 from typer.testing import CliRunner
 
 from blurctl.cli import app
 from blurctl.errors import BlurctlError
-from blurctl.pipeline import run
+from blurctl.pipeline.job import run
 from blurctl.recipe import load_recipe
-
-from helpers import DEMO, log_rows, start_run, weights
 
 runner = CliRunner()
 QUICK = ["train.max_steps=2", "eval.lm_eval=null", "eval.muse.max_examples=3", "eval.bootstrap=0",

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from blurctl import losses
-from blurctl.data import chunk_texts, collate, load_texts
+from blurctl.data.corpora import chunk_texts, collate, load_texts
 from blurctl.errors import BlurctlError
 from blurctl.models import frozen_copy, load_tokenizer
-from blurctl.pipeline import run
+from blurctl.pipeline.job import run
 from blurctl.recipe import load_recipe
-from blurctl.train import LOG_FILENAME, MODEL_DIRNAME, BatchPlan
+from blurctl.unlearn import losses
+from blurctl.unlearn.loop import LOG_FILENAME, MODEL_DIRNAME, BatchPlan
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blurctl.bench.build import resolve
-from blurctl.errors import BlurctlError, InputError
+from blurctl.data.sources import resolve
+from blurctl.errors import BlurctlError
+from blurctl.models import length_problems, load_config, model_skeleton, steering_problems
 from blurctl.recipe import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
@@ -49,59 +50,6 @@ def available_bytes(recipe: Recipe) -> tuple[int, str]:
     return psutil.virtual_memory().available, "free RAM"
 
 
-def _skeleton(config, recipe: Recipe):
-    """The model's modules with no weights allocated (meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-
-
-def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
-    """RMU's layers must exist and ``param_suffix`` must name one parameter in each."""
-    steer = recipe.steering
-    if steer is None or not recipe.algorithm.uses_rmu:
-        return []
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is not None:
-        for i in [steer.layer, *steer.update_layers]:
-            if i >= layers:
-                return [f"steering: layer {i} out of range; the model has {layers} layers "
-                        f"(0..{layers - 1})"]
-    model = skeleton or _skeleton(config, recipe)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [i for i, suffix in zip(steer.update_layers, steer.trained_suffixes, strict=True)
-               if not any(n.endswith(suffix) for n in names)]
-    if missing:
-        return [f"steering.param_suffix: {steer.param_suffix!r} names no parameter of layer(s) "
-                f"{missing}"]
-    return []
-
-
-def load_config(recipe: Recipe, model=None, field_name: str = "model.path"):
-    """The config (no weights) of the recipe's model (or ``model``), or InputError naming
-    ``field_name``."""
-    from transformers import AutoConfig
-
-    model = model or recipe.model
-    source = resolve(model.path)
-    try:
-        return AutoConfig.from_pretrained(source, revision=model.revision,
-                                          trust_remote_code=model.trust_remote_code)
-    except Exception as exc:  # transformers raises OSError, ValueError, ...
-        raise InputError(f"{field_name}: cannot load model from {source!r} "
-                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
-
-
-def check_model_config(recipe: Recipe) -> None:
-    """Raise InputError for an unloadable model or a bad RMU setup, from the config alone."""
-    config = load_config(recipe)
-    problems = length_problems(recipe, config) + steering_problems(recipe, config)
-    if problems:
-        raise InputError(problems[0])
-
-
 def _count_params(model, recipe: Recipe) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     steer = recipe.steering
@@ -136,7 +84,7 @@ def _other_model_config(recipe: Recipe, path: str, field_name: str):
 
 def _eval_problems(recipe: Recipe, check) -> list[str]:
     """The evaluation's inputs, found before training rather than after it."""
-    from blurctl.muse import MUSE_FILES
+    from blurctl.evaluate.muse import MUSE_FILES
 
     problems, muse = [], recipe.eval.muse
     if muse is not None:
@@ -149,7 +97,7 @@ def _eval_problems(recipe: Recipe, check) -> list[str]:
             check("eval.muse.retrained_model", lambda: _other_model_config(
                 recipe, muse.retrained_model, "eval.muse.retrained_model"))
     if recipe.eval.lm_eval is not None:
-        from blurctl.harness import task_manager
+        from blurctl.evaluate.harness import task_manager
 
         check("eval.lm_eval.tasks", lambda: task_manager(recipe.eval.lm_eval))
     return problems
@@ -163,9 +111,9 @@ def check_inputs(recipe: Recipe) -> Preflight:
     folder, the hardware, and the training memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
-    from blurctl.data import load_texts
-    from blurctl.fingerprint import model_fingerprint, texts_fingerprint
+    from blurctl.data.corpora import load_texts
     from blurctl.models import load_tokenizer
+    from blurctl.pipeline.fingerprint import model_fingerprint, texts_fingerprint
 
     report = Preflight()
 
@@ -208,7 +156,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
         return report
     report.problems += length_problems(recipe, config)
     report.inputs["model"] = model_fingerprint(recipe.model)
-    skeleton = check("model.path", lambda: _skeleton(config, recipe))
+    skeleton = check("model.path", lambda: model_skeleton(config, recipe))
     if skeleton is None:
         return report
     report.problems += steering_problems(recipe, config, skeleton)
@@ -235,21 +183,6 @@ def hardware_problems(recipe: Recipe) -> list[str]:
     if hw.mixed_precision == "fp16" and (hw.device == "cpu" or not gpu):
         problems.append("hardware.mixed_precision: fp16 needs a GPU; on CPU use bf16 or 'no'")
     return problems
-
-
-def length_problems(recipe: Recipe, config) -> list[str]:
-    """Chunks no longer than the model's positions (``data.max_len`` only where a corpus
-    has no ``max_len`` of its own)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return []
-    corpora = [(f"data.{kind}.{i}.max_len", c) for kind, group in
-               (("forget", recipe.data.forget), ("retain", recipe.data.retain or []))
-               for i, c in enumerate(group)]
-    lengths = [(where, c.max_len) for where, c in corpora if c.max_len is not None]
-    if any(c.max_len is None for _, c in corpora):
-        lengths.insert(0, ("data.max_len", recipe.data.max_len))
-    return [f"{where}: {n} is beyond the model's {limit} positions" for where, n in lengths if n > limit]
 
 
 def _existing_parent(path: Path) -> Path:

@@ -54,7 +54,10 @@ def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tens
 
 def _optimizer_state(model, optimizer, fsdp: bool) -> dict:
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
@@ -137,8 +140,11 @@ def restore_latest(run_dir: Path, model, optimizer, scheduler, fsdp: bool) -> in
     step, path, model_state, trainer = _newest_readable(dirs)
     inner = _unwrap(model)
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(inner, model_state, options=opts)

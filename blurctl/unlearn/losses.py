@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from blurctl.models import decoder_layers
+from blurctl.models import decoder_layers, token_logprobs
 from blurctl.recipe import AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
@@ -33,15 +33,6 @@ LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", Batch, LossContext
 
 def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each next token and the mask of positions that count."""
-    targets = labels[:, 1:]
-    mask = targets != -100
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                            targets.clamp(min=0).flatten(), reduction="none")
-    return logp.view_as(targets) * mask, mask
 
 
 def sequence_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from blurctl.bench.build import resolve
+from blurctl.data.sources import resolve
 from blurctl.errors import InputError
 from blurctl.recipe import CorpusConfig, DataConfig
 

@@ -19,17 +19,22 @@ from pathlib import Path
 
 import torch
 
-from blurctl import checkpoint as ckpt
-from blurctl.combine import Weights, combine_
-from blurctl.data import collate, corpus_chunks
+from blurctl.data.corpora import collate, corpus_chunks
 from blurctl.errors import BlurctlError
-from blurctl.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, nll
-from blurctl.models import decoder_layers, frozen_copy, load_model, load_tokenizer
-from blurctl.preflight import check_model_config
+from blurctl.models import (
+    check_model_config,
+    decoder_layers,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+)
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, grad_accum, per_corpus
 from blurctl.rundir import LOG as LOG_FILENAME
 from blurctl.rundir import MODEL as MODEL_DIRNAME
+from blurctl.unlearn import checkpoint as ckpt
+from blurctl.unlearn.combine import Weights, combine_
+from blurctl.unlearn.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector, nll
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,13 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
-from blurctl.metrics import ACCURACY_PREFIX, BY_KEY, MUSE_METRICS, accuracy_keys, format_score
+from blurctl.evaluate.metrics import (
+    ACCURACY_PREFIX,
+    BY_KEY,
+    MUSE_METRICS,
+    accuracy_keys,
+    format_score,
+)
 from blurctl.rundir import ENVIRONMENT, LOG, MODEL, RECIPE, RESULTS
 
 STAGE_DIRNAME = "publish"

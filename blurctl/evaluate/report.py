@@ -10,9 +10,8 @@ from pathlib import Path
 import yaml
 
 from blurctl.errors import BlurctlError
-from blurctl.metrics import format_score, metric_keys, title
+from blurctl.evaluate.metrics import format_score, metric_keys, title
 from blurctl.rundir import RECIPE, RESULTS
-
 
 
 def method_name(recipe: dict) -> str:

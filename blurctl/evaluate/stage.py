@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from blurctl.bench.build import resolve
+from blurctl.data.sources import resolve
 from blurctl.recipe import Recipe
 from blurctl.rundir import EXAMPLES, RESULTS
 
@@ -26,9 +26,9 @@ def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str |
 
 def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
     """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
-    from blurctl.harness import run_lm_eval
+    from blurctl.evaluate.harness import run_lm_eval
+    from blurctl.evaluate.muse import evaluate_muse, forget_auc, privleak
     from blurctl.models import load_model, load_tokenizer
-    from blurctl.muse import evaluate_muse, forget_auc, privleak
 
     cfg, muse = recipe.eval, recipe.eval.muse
     tokenizer = load_tokenizer(recipe.model)

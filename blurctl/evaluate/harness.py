@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from blurctl.bench.build import resolve
+from blurctl.data.sources import resolve
 from blurctl.errors import InputError
 from blurctl.recipe import LmEvalConfig
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 
 from blurctl import rundir
-from blurctl.envinfo import environment
 from blurctl.errors import BlurctlError, InputError
-from blurctl.evaluation import evaluate
+from blurctl.evaluate.stage import evaluate
+from blurctl.pipeline.envinfo import environment
 from blurctl.progress import is_main_process
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 
@@ -21,7 +21,7 @@ from blurctl.recipe import Recipe, recipe_yaml, validate_dict
 def check_inputs_or_fail(recipe: Recipe) -> dict[str, str]:
     """What `validate --preflight` finds, all at once (InputError, one line each), else the
     inputs' fingerprints."""
-    from blurctl.preflight import check_inputs
+    from blurctl.pipeline.preflight import check_inputs
 
     report = check_inputs(recipe)
     if report.problems:
@@ -80,7 +80,7 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     """Check, then train and evaluate into ``recipe.output_dir``; the results (main process)."""
-    from blurctl.train import unlearn
+    from blurctl.unlearn.loop import unlearn
 
     main = is_main_process()
     run_dir = Path(recipe.output_dir)

@@ -21,7 +21,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from blurctl.errors import InputError
-from blurctl.losses import token_logprobs
+from blurctl.models import token_logprobs
 from blurctl.progress import progress_bar
 
 MINK_FRACTION = 0.4

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from blurctl.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
+from blurctl.data.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
 from blurctl.errors import BlurctlError
 from blurctl.progress import progress_bar
 
 VERSION = 4
 BENCH_SEED = 0  # the benchmark's identity; a recipe's training seed never changes it
-EMBEDDED_PREFIX = "embedded:"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MANIFEST = "MANIFEST.sha256"
 
@@ -54,13 +53,6 @@ def cache_root() -> Path:
 
 def bench_dir() -> Path:
     return cache_root() / f"embedded-v{VERSION}"
-
-
-def resolve(ref: str) -> str:
-    """Map ``embedded:<relative path>`` to a file in the benchmark; pass others through."""
-    if not ref.startswith(EMBEDDED_PREFIX):
-        return ref
-    return str(ensure_benchmark() / ref[len(EMBEDDED_PREFIX):])
 
 
 def checksums(root: Path) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from blurctl.bench.build import resolve
+from blurctl.data.sources import resolve
 from blurctl.recipe import ModelConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
