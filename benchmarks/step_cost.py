@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from blurctl.unlearn.combine import Weights, combine_
-from blurctl.unlearn.loop import _take_grads
+from blurctl.unlearn.loop import take_grads
 from blurctl.unlearn.losses import LossContext, ga, gdr
 
 VARIANTS = ("blur", "penalty", "sum")
@@ -51,9 +51,9 @@ def step(model, opt, variant: str, fb: dict, rb: dict) -> None:
         (ga(model, None, fb, ctx) + gdr(model, None, rb, ctx)).backward()
     else:
         ga(model, None, fb, ctx).backward()
-        g_f = _take_grads(params)
+        g_f = take_grads(params)
         gdr(model, None, rb, ctx).backward()
-        g_r = _take_grads(params)
+        g_r = take_grads(params)
         combine_(g_f, g_r, variant, Weights())
         for p, d in zip(params, g_r, strict=True):
             p.grad = d

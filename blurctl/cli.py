@@ -12,6 +12,7 @@ from rich.table import Table
 
 from blurctl.errors import BlurctlError, InputError
 from blurctl.recipe import Recipe, RecipeError, load_recipe, recipe_yaml
+from blurctl.rundir import RunDir
 
 app = typer.Typer(
     help="LLM unlearning with BLUR, the bi-level unlearning method.\n\n"
@@ -152,7 +153,7 @@ def run(recipe: RecipeArg, overrides: OverridesArg = None,
         _fail(exc)
     if results:
         print_table(results_table(results))
-        out.print(f"results: {Path(resolved.output_dir) / 'results.json'}")
+        out.print(f"results: {RunDir(resolved.output_dir).results}")
 
 
 @app.command("eval")
@@ -166,12 +167,11 @@ def eval_(target: Annotated[Path, typer.Argument(
 
     Examples: blurctl eval runs/demo    blurctl eval recipes/demo.yaml --model runs/demo/model
     """
-    from blurctl import rundir
     from blurctl.evaluate.stage import evaluate
 
     if target.is_dir():
-        recipe_path, out_dir = target / "recipe.yaml", target
-        checkpoint = model or target / "model"
+        recipe_path, out_dir = RunDir(target).recipe, target
+        checkpoint = model or RunDir(target).model
     else:
         recipe_path, out_dir, checkpoint = target, None, model
     resolved = _load(recipe_path, overrides)
@@ -180,8 +180,8 @@ def eval_(target: Annotated[Path, typer.Argument(
     if not (resolved.eval.muse or resolved.eval.lm_eval):
         _fail(BlurctlError("eval: the recipe asks for no evaluation (set eval.muse or eval.lm_eval)"))
     try:
-        with rundir.locked(out_dir, "eval"):
-            if target.is_dir() and model is None and (restored := rundir.recover_model(target)):
+        with RunDir(out_dir).locked("eval"):
+            if target.is_dir() and model is None and (restored := RunDir(target).recover_model()):
                 err.print(f"note: {restored}", markup=False)
             if checkpoint is not None and not (checkpoint / "config.json").is_file():
                 raise BlurctlError(f"{checkpoint}: not a saved model folder (no config.json)")
@@ -189,7 +189,7 @@ def eval_(target: Annotated[Path, typer.Argument(
     except BlurctlError as exc:
         _fail(exc)
     print_table(results_table(results))
-    out.print(f"results: {out_dir / 'results.json'}")
+    out.print(f"results: {RunDir(out_dir).results}")
 
 
 @app.command()
@@ -225,8 +225,7 @@ def sweep(recipe: RecipeArg,
               blurctl sweep recipes/demo.yaml --variants benchmarks/embedded_methods.yaml
     """
     from blurctl.evaluate.report import to_markdown, write_report
-    from blurctl.pipeline.job import run as run_pipeline
-    from blurctl.pipeline.sweep import expand, read_variants
+    from blurctl.pipeline.sweep import expand, read_variants, run_points
 
     try:
         named = read_variants(variants) if variants else None
@@ -237,19 +236,12 @@ def sweep(recipe: RecipeArg,
         out.print(f"{p.name}: {' '.join(p.overrides)} -> {p.recipe.output_dir}", markup=False)
     if dry_run:
         return
-    done, failed = [], []
-    for i, p in enumerate(points, 1):
-        err.print(f"[{i}/{len(points)}] {p.name}", markup=False)
-        try:
-            run_pipeline(p.recipe, overwrite=overwrite)
-            done.append(Path(p.recipe.output_dir))
-        except BlurctlError as exc:
-            failed.append(p.name)
-            err.print(f"error: {p.name}: {exc}", markup=False)
+    done, failed = run_points(points, overwrite, lambda i, p: err.print(
+        f"[{i}/{len(points)}] {p.name}", markup=False), lambda p, exc: err.print(
+        f"error: {p.name}: {exc}", markup=False))
     if done:
         root = done[0].parent
-        referenced = sorted(done, key=lambda d: not _has_references(d))  # base/retrained rows first
-        rows = write_report(referenced, root)
+        rows = write_report(done, root)
         out.print(to_markdown(rows), markup=False)
         out.print(f"report: {root}/report.md, report.png")
     if failed:
@@ -322,9 +314,9 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
     """
     from blurctl.hub.publish import stage, upload
 
-    recipe_path = run_dir / "recipe.yaml"
+    recipe_path = RunDir(run_dir).recipe
     if not recipe_path.is_file():
-        _fail(BlurctlError(f"{run_dir}: not a run folder (no recipe.yaml)"))
+        _fail(BlurctlError(f"{run_dir}: not a run folder (no {recipe_path.name})"))
     resolved = _load(recipe_path, [])
     from blurctl.recipe import check_repo_id
 
@@ -335,10 +327,8 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="An evaluated run folde
         check_repo_id(repo)
     except ValueError as exc:
         _fail(InputError(f"publish: --repo-id: {exc}"))
-    from blurctl import rundir
-
     try:
-        with rundir.locked(run_dir, "publish"):
+        with RunDir(run_dir).locked("publish"):
             staged = stage(run_dir, repo, resolved.publish.tags)
             files = sorted(p for p in staged.iterdir() if p.is_file())
             for f in files:
@@ -378,13 +368,6 @@ def bench_build(dest: Annotated[Path, typer.Argument(
         return
     out.print(f"built {dest}: {len(differ)} files differ from the shipped benchmark "
               f"({ARTIFACTS / MANIFEST}): {', '.join(differ)}", markup=False)
-
-
-def _has_references(run_dir: Path) -> bool:
-    import json
-
-    results = run_dir / "results.json"
-    return results.is_file() and "base" in json.loads(results.read_text()).get("models", {})
 
 
 def _quiet_libraries() -> None:

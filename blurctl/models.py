@@ -5,13 +5,16 @@ layers, and scoring tokens."""
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from blurctl.data.sources import resolve
 from blurctl.errors import InputError
-from blurctl.recipe import ModelConfig, Recipe
+
+if TYPE_CHECKING:  # the recipe's schema imports the loss registry, which imports this module
+    from blurctl.recipe import ModelConfig, Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,4 +1,5 @@
-"""The run folder: its layout, its lock, and the recovery of an interrupted final save.
+"""The run folder: its layout and every read and write of it (``RunDir``), its lock, and
+the recovery of an interrupted final save.
 
 One process at a time writes a run folder: ``locked`` takes an exclusive ``flock`` on
 ``RUN/.blurctl.lock`` (released by the kernel when its holder dies, so a killed run's
@@ -9,6 +10,7 @@ the same folder is refused with the holder's name.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -16,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from blurctl.errors import InputError
 
@@ -104,3 +107,78 @@ def recover_model(run_dir: Path) -> str | None:
             (target / ".complete").unlink(missing_ok=True)
             return f"restored {target} from {candidate} (the final save had been interrupted)"
     return None
+
+
+class RunDir:
+    """A run folder: where each output lives and how it is read and written.
+
+    Files: ``recipe.yaml`` (the resolved recipe), ``environment.json``, ``inputs.json``
+    (content fingerprints), ``train_log.jsonl``, ``model/``, ``checkpoints/``,
+    ``results.json``, ``eval_examples.json``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    recipe = property(lambda self: self.path / RECIPE)
+    environment = property(lambda self: self.path / ENVIRONMENT)
+    inputs = property(lambda self: self.path / INPUTS)
+    log = property(lambda self: self.path / LOG)
+    model = property(lambda self: self.path / MODEL)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    results = property(lambda self: self.path / RESULTS)
+    examples = property(lambda self: self.path / EXAMPLES)
+
+    def locked(self, command: str):
+        return locked(self.path, command)
+
+    def earlier_run(self) -> list[str]:
+        return earlier_run(self.path)
+
+    def clear(self) -> None:
+        clear(self.path)
+
+    def recover_model(self) -> str | None:
+        return recover_model(self.path)
+
+    def write_start(self, recipe_yaml: str, environment: dict, inputs: dict[str, str]) -> None:
+        """Record what the run starts from: the resolved recipe, environment and inputs."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.recipe.write_text(recipe_yaml)
+        self.environment.write_text(json.dumps(environment, indent=1) + "\n")
+        self.inputs.write_text(json.dumps(inputs, indent=1) + "\n")
+
+    def read_json(self, path: Path) -> Any:
+        return json.loads(path.read_text())
+
+    def read_recipe(self) -> dict:
+        import yaml
+
+        return yaml.safe_load(self.recipe.read_text())
+
+    def read_results(self) -> dict | None:
+        """``results.json``, or None when the run has not been evaluated."""
+        return self.read_json(self.results) if self.results.is_file() else None
+
+    def write_results(self, results: dict, examples: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.results.write_text(json.dumps(results, indent=1) + "\n")
+        self.examples.write_text(json.dumps(examples, indent=1) + "\n")
+
+    def read_log(self) -> list[dict]:
+        """The per-step rows of ``train_log.jsonl`` (none when it does not exist)."""
+        if not self.log.is_file():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def open_log(self, keep_steps: int) -> IO[str]:
+        """Open the per-step log for appending, dropping rows after ``keep_steps`` (resume)."""
+        rows = [r for r in self.read_log() if r["step"] <= keep_steps] if keep_steps else []
+        log = open(self.log, "w")  # noqa: SIM115 (the loop writes and closes it)
+        log.writelines(json.dumps(r) + "\n" for r in rows)
+        log.flush()
+        return log
+

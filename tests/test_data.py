@@ -109,7 +109,7 @@ def test_truncate_keeps_the_first_chunk_of_each_document_as_wmdp_does(tmp_path):
 
 
 def test_unshuffled_batches_follow_file_order_over_epochs():
-    from blurctl.unlearn.loop import BatchPlan
+    from blurctl.unlearn.batches import BatchPlan
 
     plan = BatchPlan(6, 4, 1, 0, seed=3, shuffle=False)
     assert [plan.indices(k) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
@@ -122,7 +122,7 @@ def test_adam_eps_reaches_the_optimizer():
     from helpers import DEMO
 
     from blurctl.recipe import load_recipe
-    from blurctl.unlearn.loop import _optimizer
+    from blurctl.unlearn.optim import make_optimizer as _optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     opt, _ = _optimizer(params, load_recipe(DEMO, ["train.adam_eps=1e-6"]), 10)

@@ -12,8 +12,10 @@ from blurctl.errors import BlurctlError
 from blurctl.models import frozen_copy, load_tokenizer
 from blurctl.pipeline.job import run
 from blurctl.recipe import load_recipe
+from blurctl.rundir import LOG as LOG_FILENAME
+from blurctl.rundir import MODEL as MODEL_DIRNAME
 from blurctl.unlearn import losses
-from blurctl.unlearn.loop import LOG_FILENAME, MODEL_DIRNAME, BatchPlan
+from blurctl.unlearn.batches import BatchPlan
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 

@@ -7,11 +7,9 @@ import io
 import json
 from pathlib import Path
 
-import yaml
-
 from blurctl.errors import BlurctlError
 from blurctl.evaluate.metrics import format_score, metric_keys, title
-from blurctl.rundir import RECIPE, RESULTS
+from blurctl.rundir import RunDir
 
 
 def method_name(recipe: dict) -> str:
@@ -30,19 +28,18 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     """Rows: the base and retrained references (from the first run that has them), then each
     run; runs that differ only in ``seed`` become one row of means with ``<metric>_sd``."""
     rows, refs = [], {}
-    for run_dir in run_dirs:
-        results_path = run_dir / RESULTS
-        if not results_path.is_file():
-            raise BlurctlError(f"{run_dir}: no {RESULTS}; evaluate it with: blurctl eval {run_dir}")
-        results = json.loads(results_path.read_text())
-        recipe_path = run_dir / RECIPE
-        recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
+    for run_dir in map(RunDir, run_dirs):
+        results = run_dir.read_results()
+        if results is None:
+            raise BlurctlError(f"{run_dir.path}: no {run_dir.results.name}; evaluate it with: "
+                               f"blurctl eval {run_dir.path}")
+        recipe = run_dir.read_recipe() if run_dir.recipe.is_file() else {}
         models = results.get("models", {})
         for ref, label in (("base", "target (before unlearning)"), ("retrained", "retrained (no D_f)")):
             if ref in models and ref not in refs:
                 refs[ref] = {"run": label, "method": "reference", **models[ref]}
         if "unlearned" in models:
-            rows.append({"run": run_dir.name, "method": method_name(recipe),
+            rows.append({"run": run_dir.path.name, "method": method_name(recipe),
                          "setting": _setting(recipe), **models["unlearned"]})
     return list(refs.values()) + aggregate_seeds(rows)
 

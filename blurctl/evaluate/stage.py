@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from blurctl.data.sources import resolve
 from blurctl.recipe import Recipe
-from blurctl.rundir import EXAMPLES, RESULTS
+from blurctl.rundir import RunDir
 
 
 def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str | None]:
@@ -73,7 +72,5 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
                     scores["privleak_ci"] = [privleak(ci[0], retrained_auc),
                                              privleak(ci[1], retrained_auc)]
     out = {"models": results, "retrained_auc": retrained_auc}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULTS).write_text(json.dumps(out, indent=1) + "\n")
-    (out_dir / EXAMPLES).write_text(json.dumps(examples, indent=1) + "\n")
+    RunDir(out_dir).write_results(out, examples)
     return out

@@ -8,7 +8,6 @@ prints or writes it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from blurctl.evaluate.metrics import (
     accuracy_keys,
     format_score,
 )
-from blurctl.rundir import ENVIRONMENT, LOG, MODEL, RECIPE, RESULTS
+from blurctl.rundir import ENVIRONMENT, LOG, RECIPE, RESULTS, RunDir
 
 STAGE_DIRNAME = "publish"
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -66,9 +65,9 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
     """The model card of a run: metadata with model-index, then a readable summary."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    recipe = yaml.safe_load((run_dir / RECIPE).read_text())
-    results = json.loads((run_dir / RESULTS).read_text())
-    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").exists() else {}
+    run = RunDir(run_dir)
+    recipe, results = run.read_recipe(), run.read_results()
+    env = run.read_json(run.environment) if run.environment.exists() else {}
     base = recipe["model"]["path"]
     data = recipe["data"]
     corpora = data["forget"] + (data.get("retain") or [])
@@ -100,10 +99,11 @@ def _place(src: Path, dst: Path) -> None:
 
 def stage(run_dir: Path, repo_id: str, tags: list[str]) -> Path:
     """Lay out exactly what will be uploaded in ``RUN_DIR/publish``; return that folder."""
-    if not (run_dir / RESULTS).is_file():
-        raise BlurctlError(f"{run_dir}: no {RESULTS}; a run is published only with its evaluation "
-                           f"(run: blurctl eval {run_dir})")
-    model_dir = run_dir / MODEL
+    run = RunDir(run_dir)
+    if not run.results.is_file():
+        raise BlurctlError(f"{run_dir}: no {run.results.name}; a run is published only with its "
+                           f"evaluation (run: blurctl eval {run_dir})")
+    model_dir = run.model
     if not (model_dir / "config.json").is_file():
         raise BlurctlError(f"{run_dir}: no saved model in {model_dir}")
     stage_dir = run_dir / STAGE_DIRNAME

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import yaml
-
-from blurctl import rundir
 from blurctl.errors import BlurctlError, InputError
 from blurctl.evaluate.stage import evaluate
 from blurctl.pipeline.envinfo import environment
 from blurctl.progress import is_main_process
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
+from blurctl.rundir import RunDir
 
 
 def check_inputs_or_fail(recipe: Recipe) -> dict[str, str]:
@@ -33,38 +30,34 @@ def prepare_run_dir(recipe: Recipe, inputs: dict[str, str], resume: bool = False
                     overwrite: bool = False) -> Path:
     """Check the run folder against ``--resume``/``--overwrite``, then record the recipe,
     the environment and the inputs' fingerprints in it (main process only)."""
-    run_dir = Path(recipe.output_dir)
+    run_dir = RunDir(recipe.output_dir)
     if resume:
-        saved = run_dir / rundir.RECIPE
-        if not saved.exists():
-            raise InputError(f"--resume: {run_dir} holds no earlier run ({saved} is missing)")
-        before = validate_dict(yaml.safe_load(saved.read_text()), str(saved)).model_dump()
+        if not run_dir.recipe.exists():
+            raise InputError(f"--resume: {run_dir.path} holds no earlier run ({run_dir.recipe} "
+                             "is missing)")
+        before = validate_dict(run_dir.read_recipe(), str(run_dir.recipe)).model_dump()
         changed = sorted(_changed_keys(before, recipe.model_dump()))
         if changed:
-            raise InputError(f"--resume: the recipe differs from {saved} in "
+            raise InputError(f"--resume: the recipe differs from {run_dir.recipe} in "
                              f"{', '.join(changed)}; resume with the same recipe")
-        recorded = run_dir / rundir.INPUTS
-        if recorded.is_file():
-            was = json.loads(recorded.read_text())
+        if run_dir.inputs.is_file():
+            was = run_dir.read_json(run_dir.inputs)
             moved = sorted(k for k in set(was) | set(inputs) if was.get(k) != inputs.get(k))
             if moved:
                 raise InputError(f"--resume: {', '.join(moved)} changed since the run started "
-                                 f"(content fingerprints in {recorded}); resume with the same "
-                                 "inputs or start a new run")
-        restored = rundir.recover_model(run_dir)
+                                 f"(content fingerprints in {run_dir.inputs}); resume with the "
+                                 "same inputs or start a new run")
+        restored = run_dir.recover_model()
         if restored:
             print(f"note: {restored}", flush=True)
-    elif earlier := rundir.earlier_run(run_dir):
+    elif earlier := run_dir.earlier_run():
         if not overwrite:
-            raise InputError(f"output_dir: {run_dir} holds an earlier run ({', '.join(earlier)}); "
-                             "pass --resume to continue it, --overwrite to replace it, or "
-                             "choose another output_dir")
-        rundir.clear(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / rundir.RECIPE).write_text(recipe_yaml(recipe))
-    (run_dir / rundir.ENVIRONMENT).write_text(json.dumps(environment(), indent=1) + "\n")
-    (run_dir / rundir.INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
-    return run_dir
+            raise InputError(f"output_dir: {run_dir.path} holds an earlier run "
+                             f"({', '.join(earlier)}); pass --resume to continue it, --overwrite "
+                             "to replace it, or choose another output_dir")
+        run_dir.clear()
+    run_dir.write_start(recipe_yaml(recipe), environment(), inputs)
+    return run_dir.path
 
 
 def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -85,7 +78,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     main = is_main_process()
     run_dir = Path(recipe.output_dir)
     inputs = check_inputs_or_fail(recipe) if main else {}
-    with rundir.locked(run_dir, "run") if main else nullcontext():
+    with RunDir(run_dir).locked("run") if main else nullcontext():
         if main:
             prepare_run_dir(recipe, inputs, resume, overwrite)
         model_dir = unlearn(recipe, run_dir, resume)

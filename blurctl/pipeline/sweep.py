@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,27 @@ def expand(recipe_path: Path, axes: list[str], base: list[str] | None = None,
     if problems:
         raise RecipeError(str(recipe_path), problems)
     return points
+
+
+def run_points(points: list[SweepPoint], overwrite: bool = False,
+               on_start: Callable[[int, SweepPoint], None] | None = None,
+               on_error: Callable[[SweepPoint, Exception], None] | None = None,
+               ) -> tuple[list[Path], list[str]]:
+    """Run every point one after another; (run folders done, names of the runs that failed).
+    A failed run is reported through ``on_error`` and the sweep goes on."""
+    from blurctl.errors import BlurctlError
+    from blurctl.pipeline.job import run
+
+    done, failed = [], []
+    for i, point in enumerate(points, 1):
+        if on_start:
+            on_start(i, point)
+        try:
+            run(point.recipe, overwrite=overwrite)
+            done.append(Path(point.recipe.output_dir))
+        except BlurctlError as exc:
+            failed.append(point.name)
+            if on_error:
+                on_error(point, exc)
+    return done, failed
+

@@ -7,6 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from blurctl.unlearn.combine import COMBINERS
+from blurctl.unlearn.losses import FORGET_LOSSES, RETAIN_LOSSES
+from blurctl.unlearn.methods import METHODS
+
 SEED_LIMIT = 2**32  # numpy's seeds run from 0 to 2**32 - 1
 Layer = Annotated[int, Field(ge=0)]
 
@@ -69,11 +73,11 @@ class DataConfig(Section):
         return _as_list(value)
 
 
-ForgetLoss = Literal["ga", "npo", "simnpo", "rmu"]
-RetainLoss = Literal["gdr", "klr", "rmu"]
-Combiner = Literal["blur", "blur_upper", "penalty", "task_vector"]
-BILEVEL = ("blur", "blur_upper")
-NEEDS_REFERENCE = {("forget", "npo"), ("retain", "klr"), ("retain", "rmu")}
+# Allowed names come from the registries (unlearn/losses.py, combine.py, methods.py).
+ForgetLoss = Literal[tuple(FORGET_LOSSES)]
+RetainLoss = Literal[tuple(RETAIN_LOSSES)]
+Combiner = Literal[(*COMBINERS, *METHODS)]
+BILEVEL = tuple(name for name, rule in COMBINERS.items() if rule.bilevel)
 
 
 class AlgorithmConfig(Section):
@@ -100,9 +104,10 @@ class AlgorithmConfig(Section):
     @property
     def reference_losses(self) -> list[str]:
         """The chosen losses that need a frozen reference model, as ``kind_loss='name'``."""
-        return [f"{kind}_loss={name!r}" for kind, name in
-                (("forget", self.forget_loss), ("retain", self.retain_loss))
-                if (kind, name) in NEEDS_REFERENCE]
+        return [f"{kind}_loss={name!r}" for kind, name, table in
+                (("forget", self.forget_loss, FORGET_LOSSES),
+                 ("retain", self.retain_loss, RETAIN_LOSSES))
+                if name is not None and table[name].needs_reference]
 
 
 class SteeringConfig(Section):
@@ -148,7 +153,18 @@ class HardwareConfig(Section):
     num_processes: int = Field(1, gt=0)
     num_machines: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a whole copy per process; fsdp: parameters, gradients and "
+                           "optimizer state sharded with torch FSDP2.")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _no_deepspeed(cls, value: Any) -> Any:
+        if value == "deepspeed":
+            raise ValueError("deepspeed shards gradients across ranks, where BLUR's projection "
+                             "needs them whole, and is not supported; use fsdp (FSDP2 shards "
+                             "parameters, gradients and optimizer state)")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -240,10 +256,9 @@ def cross_field_problems(r: Recipe) -> list[str]:
     alg, problems = r.algorithm, []
     if alg.combiner in BILEVEL and alg.retain_loss is None:
         problems.append(f"algorithm.retain_loss: combiner {alg.combiner!r} needs a retain loss")
-    if alg.combiner == "task_vector":
-        if alg.forget_loss != "ga" or alg.retain_loss is not None:
-            problems.append("algorithm.combiner: task_vector fine-tunes on D_f and subtracts; "
-                            "set forget_loss: ga and retain_loss: null")
+    method = METHODS.get(alg.combiner)
+    if method is not None and any(getattr(alg, k) != v for k, v in method.requires.items()):
+        problems.append(f"algorithm.combiner: {method.why}")
     if r.model.reference == "none" and alg.reference_losses:
         problems.append(f"model.reference: 'none', but algorithm.{alg.reference_losses[0]} needs "
                         "a frozen reference model (use 'copy' or a model path)")
@@ -264,9 +279,6 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.steering is not None and not alg.uses_rmu:
         problems.append("steering: only the rmu losses use it, and neither algorithm loss is rmu; "
                         "remove the section or choose rmu")
-    if r.hardware.strategy == "deepspeed" and alg.combiner in BILEVEL:
-        problems.append(f"hardware.strategy: deepspeed shards gradients across ranks and is not "
-                        f"supported with combiner {alg.combiner!r}; use fsdp")
     forget_paths = {c.path for c in r.data.forget}
     for i, c in enumerate(r.data.retain or []):
         if c.path in forget_paths:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import IO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,40 +38,13 @@ def last_good_hint(run_dir: Path) -> str:
     return f"; last good checkpoint: {dirs[-1][1]}" if dirs else ""
 
 
-def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU (gathered from every rank under FSDP)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-        # Gathering unties shared weights (e.g. tied embeddings); keep each once.
-        unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        return {k: v for k, v in state.items() if k in unique}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _optimizer_state(model, optimizer, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def save(run_dir: Path, step: int, model, optimizer, scheduler, fsdp: bool, is_main: bool,
+def save(run_dir: Path, step: int, model, optimizer, scheduler, strategy, is_main: bool,
          keep: int) -> Path:
-    """Write checkpoint ``step`` atomically and prune older ones beyond ``keep``."""
-    model_state = full_model_state(_unwrap(model), fsdp)
-    optim_state = _optimizer_state(_unwrap(model), optimizer, fsdp)
+    """Write checkpoint ``step`` atomically and prune older ones beyond ``keep``.
+
+    Every rank takes part in gathering the states (``strategy``); the main one writes."""
+    model_state = strategy.model_state(model)
+    optim_state = strategy.optimizer_state(model, optimizer)
     final = run_dir / CHECKPOINTS / f"step-{step:07d}"
     if not is_main:
         return final
@@ -131,46 +103,21 @@ def _newest_readable(dirs: list[tuple[int, Path]]) -> tuple[int, Path, dict, dic
                        f"{', '.join(skipped)}")
 
 
-def restore_latest(run_dir: Path, model, optimizer, scheduler, fsdp: bool) -> int:
+def restore_latest(run_dir: Path, model, optimizer, scheduler, strategy) -> int:
     """Load the newest complete checkpoint into the training objects; return its step."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         raise BlurctlError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS} "
                            "(set train.save_every to write them)")
     step, path, model_state, trainer = _newest_readable(dirs)
-    inner = _unwrap(model)
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(inner, model_state, options=opts)
-        set_optimizer_state_dict(inner, optimizer, trainer["optimizer"], options=opts)
-    else:
-        try:
-            inner.load_state_dict(model_state, strict=True)
-        except RuntimeError as exc:
-            raise BlurctlError(f"{path}: checkpoint does not match the model "
-                               f"({str(exc).splitlines()[0]})") from None
-        optimizer.load_state_dict(trainer["optimizer"])
+    try:
+        strategy.load(model, optimizer, model_state, trainer["optimizer"])
+    except RuntimeError as exc:
+        raise BlurctlError(f"{path}: checkpoint does not match the model "
+                           f"({str(exc).splitlines()[0]})") from None
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     return step
-
-
-def open_log(path: Path, keep_steps: int) -> IO[str]:
-    """Open the per-step log for appending, dropping rows after ``keep_steps`` (resume)."""
-    rows = []
-    if keep_steps and path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_steps]
-    log = open(path, "w")
-    log.writelines(line + "\n" for line in rows)
-    log.flush()
-    return log
 
 
 def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-Combiner = str
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -71,7 +70,47 @@ def inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor],
     return three[0], three[1], three[2]
 
 
-def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combiner,
+@dataclass(frozen=True)
+class Rule:
+    """A registered combiner: from <g_r,g_f>, |g_f|^2, |g_r|^2 and the weights, the scales
+    (s_r, s_f, xi) of d = s_r g_r + s_f g_f, xi being the one docs/method.md §2 logs."""
+
+    name: str
+    scales: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Weights],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    bilevel: bool  # projects one gradient on the other: needs a retain loss and whole gradients
+
+
+COMBINERS: dict[str, Rule] = {}
+
+
+def register(name: str, bilevel: bool):
+    """Make a scales function available as ``algorithm.combiner: <name>``."""
+    def add(scales):
+        COMBINERS[name] = Rule(name, scales, bilevel)
+        return scales
+    return add
+
+
+@register("blur", bilevel=True)
+def _forget_lower(dot, nf, nr, w: Weights):
+    xi = w.forget - w.retain * dot / (nf + w.eps)
+    return torch.as_tensor(w.retain, dtype=dot.dtype), xi, xi
+
+
+@register("blur_upper", bilevel=True)
+def _forget_upper(dot, nf, nr, w: Weights):
+    xi = w.retain - w.forget * dot / (nr + w.eps)
+    return xi, torch.as_tensor(w.forget, dtype=dot.dtype), xi
+
+
+@register("penalty", bilevel=False)
+def _weighted_sum(dot, nf, nr, w: Weights):
+    w_f = torch.as_tensor(w.forget, dtype=dot.dtype)
+    return torch.as_tensor(w.retain, dtype=dot.dtype), w_f, w_f
+
+
+def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: str,
              weights: Weights, all_reduce: AllReduce | None = None) -> CombineStats:
     """Overwrite ``g_r`` with the update direction d; ``g_f`` is used as scratch space.
 
@@ -80,19 +119,10 @@ def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combine
     """
     if len(g_f) != len(g_r):
         raise ValueError(f"gradient lists differ in length: {len(g_f)} vs {len(g_r)}")
+    if combiner not in COMBINERS:
+        raise ValueError(f"unknown combiner {combiner!r}; expected one of {', '.join(COMBINERS)}")
     dot, nf, nr = inner_products(g_f, g_r, all_reduce)
-    w_f, w_r, eps = weights.forget, weights.retain, weights.eps
-    if combiner == "blur":
-        xi = w_f - w_r * dot / (nf + eps)
-        scale_r, scale_f = torch.as_tensor(w_r, dtype=dot.dtype), xi
-    elif combiner == "blur_upper":
-        xi = w_r - w_f * dot / (nr + eps)
-        scale_r, scale_f = xi, torch.as_tensor(w_f, dtype=dot.dtype)
-    elif combiner == "penalty":
-        xi = torch.as_tensor(w_f, dtype=dot.dtype)
-        scale_r, scale_f = torch.as_tensor(w_r, dtype=dot.dtype), xi
-    else:
-        raise ValueError(f"unknown combiner {combiner!r}; expected blur, blur_upper or penalty")
+    scale_r, scale_f, xi = COMBINERS[combiner].scales(dot, nf, nr, weights)
     if g_r:
         device = g_r[0].device
         torch._foreach_mul_(g_r, scale_r.to(device))
@@ -101,7 +131,7 @@ def combine_(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combine
     return CombineStats(dot=dot, forget_sq=nf, retain_sq=nr, xi=xi.to(dot.dtype))
 
 
-def combine(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: Combiner = "blur",
+def combine(g_f: list[torch.Tensor], g_r: list[torch.Tensor], combiner: str = "blur",
             weights: Weights = Weights()) -> tuple[list[torch.Tensor], CombineStats]:
     """Pure form of ``combine_``: returns (d, stats) and leaves its inputs untouched."""
     d = [g.clone() for g in g_r]

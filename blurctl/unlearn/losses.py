@@ -2,18 +2,25 @@
 
 A batch is a dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where a
 token is padding or prompt). Token log-likelihoods skip those positions.
+
+Each loss is registered with ``@register(kind, name, needs_reference=...)``; the recipe's
+allowed ``algorithm.forget_loss`` / ``retain_loss`` values and the reference-model rule
+come from this registry. A new loss is one decorated function here (plus its test).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from blurctl.models import decoder_layers, token_logprobs
-from blurctl.recipe import AlgorithmConfig, SteeringConfig
+
+if TYPE_CHECKING:  # the recipe derives its loss names from this module's registry
+    from blurctl.recipe import AlgorithmConfig, SteeringConfig
 
 Batch = dict[str, torch.Tensor]
 
@@ -22,13 +29,37 @@ Batch = dict[str, torch.Tensor]
 class LossContext:
     """What a loss needs besides the models and the batch."""
 
-    alg: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    alg: AlgorithmConfig
     steering: SteeringConfig | None = None
     control: torch.Tensor | None = None  # RMU: the fixed random unit vector u
     coeff: float = 0.0  # RMU: the steering coefficient c for this forget corpus
 
 
 LossFn = Callable[[torch.nn.Module, "torch.nn.Module | None", Batch, LossContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss: its recipe name, whether it needs the frozen reference pi_ref."""
+
+    name: str
+    kind: str  # "forget" or "retain"
+    fn: LossFn
+    needs_reference: bool = False
+
+
+FORGET_LOSSES: dict[str, Loss] = {}
+RETAIN_LOSSES: dict[str, Loss] = {}
+
+
+def register(kind: str, name: str, needs_reference: bool = False) -> Callable[[LossFn], LossFn]:
+    """Make ``fn`` available as ``algorithm.<kind>_loss: <name>``."""
+    table = {"forget": FORGET_LOSSES, "retain": RETAIN_LOSSES}[kind]
+
+    def add(fn: LossFn) -> LossFn:
+        table[name] = Loss(name, kind, fn, needs_reference)
+        return fn
+    return add
 
 
 def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -59,11 +90,13 @@ def nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return -token_mean(logp, mask, batch, "target_tokens")
 
 
+@register("forget", "ga")
 def ga(model, ref, batch, ctx) -> torch.Tensor:
     """Gradient ascent: the negated NLL on the forget batch."""
     return -nll(model, batch)
 
 
+@register("forget", "npo", needs_reference=True)
 def npo(model, ref, batch, ctx) -> torch.Tensor:
     """Sequence-level NPO: -(2/beta) mean log sigmoid(-beta (log pi(x) - log pi_ref(x)))."""
     logp, _ = sequence_logprob(model, batch)
@@ -72,6 +105,7 @@ def npo(model, ref, batch, ctx) -> torch.Tensor:
     return -(2.0 / ctx.alg.beta) * F.logsigmoid(-ctx.alg.beta * (logp - ref_logp)).mean()
 
 
+@register("forget", "simnpo")
 def simnpo(model, ref, batch, ctx) -> torch.Tensor:
     """SimNPO: -(2/beta) mean log sigmoid(-(beta/|x|) log pi(x) - delta), no reference."""
     logp, length = sequence_logprob(model, batch)
@@ -79,11 +113,13 @@ def simnpo(model, ref, batch, ctx) -> torch.Tensor:
         -(ctx.alg.beta / length.clamp(min=1)) * logp - ctx.alg.delta).mean()
 
 
+@register("retain", "gdr")
 def gdr(model, ref, batch, ctx) -> torch.Tensor:
     """Gradient descent on retain: NLL of the retain batch."""
     return nll(model, batch)
 
 
+@register("retain", "klr", needs_reference=True)
 def klr(model, ref, batch, ctx) -> torch.Tensor:
     """KL(pi_ref || pi_theta) per retain token, averaged over the tokens that count."""
     logits = _logits(model, batch)[:, :-1].float()
@@ -120,6 +156,7 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
     return token_mean(per_token, batch["attention_mask"], batch, "input_tokens")
 
 
+@register("forget", "rmu")
 def rmu_forget(model, ref, batch, ctx) -> torch.Tensor:
     """RMU: push layer-l activations on forget tokens towards c*u (mean squared error)."""
     h = hidden_at(model, batch, ctx.steering.layer)
@@ -127,6 +164,7 @@ def rmu_forget(model, ref, batch, ctx) -> torch.Tensor:
     return _masked_mse(h, target.expand_as(h), batch)
 
 
+@register("retain", "rmu", needs_reference=True)
 def rmu_retain(model, ref, batch, ctx) -> torch.Tensor:
     """RMU: keep layer-l activations on retain tokens equal to the frozen model's."""
     h = hidden_at(model, batch, ctx.steering.layer)
@@ -140,6 +178,3 @@ def control_vector(hidden_size: int, seed: int) -> torch.Tensor:
     u = torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed))
     return u / u.norm()
 
-
-FORGET_LOSSES: dict[str, LossFn] = {"ga": ga, "npo": npo, "simnpo": simnpo, "rmu": rmu_forget}
-RETAIN_LOSSES: dict[str, LossFn] = {"gdr": gdr, "klr": klr, "rmu": rmu_retain}
