@@ -28,12 +28,15 @@ INPUTS = "inputs.json"
 LOG = "train_log.jsonl"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
+EPOCHS = "epochs"
+TRACKING = "tracking"  # files of the experiment trackers that write any (TensorBoard)
 RESULTS = "results.json"
 EXAMPLES = "eval_examples.json"
 LOCK = ".blurctl.lock"
 # What an earlier run leaves; a new run into a folder holding any of them needs
 # --resume (continue it) or --overwrite (replace it).
-RUN_OUTPUTS = (RECIPE, LOG, MODEL, CHECKPOINTS, RESULTS, EXAMPLES, INPUTS, ENVIRONMENT)
+RUN_OUTPUTS = (RECIPE, LOG, MODEL, CHECKPOINTS, EPOCHS, RESULTS, EXAMPLES, INPUTS, ENVIRONMENT,
+               TRACKING)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,8 +116,8 @@ class RunDir:
     """A run folder: where each output lives and how it is read and written.
 
     Files: ``recipe.yaml`` (the resolved recipe), ``environment.json``, ``inputs.json``
-    (content fingerprints), ``train_log.jsonl``, ``model/``, ``checkpoints/``,
-    ``results.json``, ``eval_examples.json``.
+    (content fingerprints), ``train_log.jsonl``, ``model/``, ``checkpoints/step-N/``,
+    ``epochs/epoch-N/``, ``tracking/``, ``results.json``, ``eval_examples.json``.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -129,8 +132,20 @@ class RunDir:
     log = property(lambda self: self.path / LOG)
     model = property(lambda self: self.path / MODEL)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    tracking = property(lambda self: self.path / TRACKING)
+    epochs = property(lambda self: self.path / EPOCHS)
     results = property(lambda self: self.path / RESULTS)
     examples = property(lambda self: self.path / EXAMPLES)
+
+    def epoch(self, n: int) -> Path:
+        """The model saved after epoch ``n`` (``train.save_every_epoch``)."""
+        return self.epochs / f"epoch-{n}"
+
+    def epoch_models(self) -> list[tuple[int, Path]]:
+        """(epoch, folder) of every complete per-epoch model, in order."""
+        found = [(int(p.name.removeprefix("epoch-")), p) for p in self.epochs.glob("epoch-*")
+                 if p.name.removeprefix("epoch-").isdigit() and (p / "config.json").is_file()]
+        return sorted(found)
 
     def locked(self, command: str):
         return locked(self.path, command)

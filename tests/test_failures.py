@@ -2,6 +2,7 @@
 
 import errno
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,14 +56,15 @@ def test_nan_in_the_forget_gradient_stops_before_the_update(embedded, tmp_path, 
         first = next(p for p in model.parameters() if p.requires_grad)
         return losses.nll(model, batch) + torch.sqrt(first.sum() * 0.0)  # finite value, NaN gradient
 
-    monkeypatch.setitem(losses.FORGET_LOSSES, "npo", nan_gradient)
+    monkeypatch.setitem(losses.FORGET_LOSSES, "npo", replace(losses.FORGET_LOSSES["npo"], fn=nan_gradient))
     with pytest.raises(BlurctlError, match=r"step 1: dot is nan \(also forget_sq, xi, cosine\); stopped before"):
         run(load_recipe(DEMO, [*RUN, f"output_dir={tmp_path}"]))
     assert not (tmp_path / "model").exists()
 
 
 def test_zero_forget_gradient_gives_the_retain_step(embedded, tmp_path, monkeypatch):
-    monkeypatch.setitem(losses.FORGET_LOSSES, "npo", lambda m, r, b, c: 0.0 * losses.nll(m, b))
+    monkeypatch.setitem(losses.FORGET_LOSSES, "npo", replace(
+        losses.FORGET_LOSSES["npo"], fn=lambda m, r, b, c: 0.0 * losses.nll(m, b)))
     for combiner in ("blur", "penalty"):
         run(load_recipe(DEMO, [*RUN, "train.max_steps=2", "train.save_every=null",
                                f"algorithm.combiner={combiner}", f"output_dir={tmp_path / combiner}"]))

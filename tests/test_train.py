@@ -1,6 +1,7 @@
 """The unlearning loop, checked against an independent one-step computation."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,8 @@ def test_batch_plan_covers_each_example_once_per_epoch_and_splits_ranks():
 
 
 def test_non_finite_loss_stops_before_the_update(embedded, tmp_path, monkeypatch):
-    monkeypatch.setitem(losses.FORGET_LOSSES, "npo",
-                        lambda m, r, b, c: losses.nll(m, b) * float("nan"))
+    monkeypatch.setitem(losses.FORGET_LOSSES, "npo", replace(
+        losses.FORGET_LOSSES["npo"], fn=lambda m, r, b, c: losses.nll(m, b) * float("nan")))
     recipe = one_step_recipe(tmp_path)
     with pytest.raises(BlurctlError, match=r"step 1: forget_loss is nan \(also dot, forget_sq, xi, cosine\); stopped before the update"):
         run(recipe)

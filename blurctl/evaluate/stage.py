@@ -1,4 +1,6 @@
-"""The eval stage: MUSE metrics and lm-eval tasks for the unlearned, base and retrained models."""
+"""The eval stage: MUSE metrics and lm-eval tasks for the unlearned, base and retrained
+models, and, with ``eval.every_epoch``, the MUSE metrics of every epoch's model and the
+choice among them (``eval.selection``)."""
 
 from __future__ import annotations
 
@@ -23,54 +25,117 @@ def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str |
     return models
 
 
-def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
-    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
-    from blurctl.evaluate.harness import run_lm_eval
-    from blurctl.evaluate.muse import evaluate_muse, forget_auc, privleak
-    from blurctl.models import load_model, load_tokenizer
+class _Scorer:
+    """Scores one model at a time with what the recipe asks for."""
 
-    cfg, muse = recipe.eval, recipe.eval.muse
-    tokenizer = load_tokenizer(recipe.model)
-    corpus = Path(resolve(muse.corpus)) if muse else None
-    results: dict[str, dict] = {}
-    examples: dict[str, dict] = {}
-    for name, path in models_to_evaluate(recipe, model_dir).items():
-        model = load_model(recipe.model, path=path)
-        scores: dict = {}
-        if muse is not None:
-            scores, examples[name] = evaluate_muse(
-                model, tokenizer, corpus,
-                verbmem_tokens=muse.verbmem_max_new_tokens,
-                knowmem_tokens=muse.knowmem_max_new_tokens, batch_size=muse.batch_size,
-                limit=muse.max_examples, bootstrap=cfg.bootstrap)
-        if cfg.lm_eval is not None:
-            for task, res in run_lm_eval(model, tokenizer, cfg.lm_eval, recipe.seed).items():
+    def __init__(self, recipe: Recipe) -> None:
+        from blurctl.models import load_tokenizer
+
+        self.recipe = recipe
+        self.tokenizer = load_tokenizer(recipe.model)
+        self.corpus = Path(resolve(recipe.eval.muse.corpus)) if recipe.eval.muse else None
+
+    def __call__(self, path: str | None, muse: bool = True,
+                 lm_eval: bool = True) -> tuple[dict, dict]:
+        """(scores, per-example records) of the model at ``path`` (None: the base model)."""
+        from blurctl.evaluate.harness import run_lm_eval
+        from blurctl.evaluate.muse import evaluate_muse
+        from blurctl.models import load_model
+
+        cfg, m = self.recipe.eval, self.recipe.eval.muse
+        model = load_model(self.recipe.model, path=path)
+        scores, examples = {}, {}
+        if m is not None and muse:
+            scores, examples = evaluate_muse(
+                model, self.tokenizer, self.corpus, verbmem_tokens=m.verbmem_max_new_tokens,
+                knowmem_tokens=m.knowmem_max_new_tokens, batch_size=m.batch_size,
+                limit=m.max_examples, bootstrap=cfg.bootstrap)
+        if cfg.lm_eval is not None and lm_eval:
+            for task, res in run_lm_eval(model, self.tokenizer, cfg.lm_eval, self.recipe.seed).items():
                 scores[f"acc:{task}"] = res["acc"]
                 scores[f"acc:{task}_stderr"] = res["acc_stderr"]
-        results[name] = scores
-        del model
+        return scores, examples
 
-    retrained_auc = None
-    if muse is not None:
-        retrained_auc = muse.retrained_auc
-        if "retrained" in results:
-            retrained_auc = results["retrained"]["privleak_auc"]
-        elif muse.retrained_model:
-            model = load_model(recipe.model, path=muse.retrained_model,
-                               field_name="eval.muse.retrained_model")
-            retrained_auc = forget_auc(model, tokenizer, corpus,
-                                       muse.batch_size, muse.max_examples)
-        if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf
-            print("warning: PrivLeak is undefined: the retrained model's privleak AUC is 0 and "
-                  "PrivLeak divides by it (more texts, eval.muse.max_examples, may help)",
-                  file=sys.stderr)
-        elif retrained_auc is not None:
-            for scores in results.values():
-                scores["privleak"] = privleak(scores["privleak_auc"], retrained_auc)
-                ci = scores.get("privleak_auc_ci")
-                if ci:
-                    scores["privleak_ci"] = [privleak(ci[0], retrained_auc),
-                                             privleak(ci[1], retrained_auc)]
-    out = {"models": results, "retrained_auc": retrained_auc}
+
+def select_epoch(epochs: list[dict], rule: str, retrained: dict | None) -> dict:
+    """The epoch ``rule`` picks (``eval.selection``): the last ('final'); the first whose
+    KnowMem_f is at or below the retrained model's, else the last (MUSE's protocol); or the
+    best by ``max:<metric>`` / ``min:<metric>`` (the first of equals)."""
+    if rule == "muse_first_below_retrained":
+        bar = retrained["knowmem_f"]
+        return next((e for e in epochs if e["knowmem_f"] <= bar), epochs[-1])
+    if rule == "final":
+        return epochs[-1]
+    goal, _, metric = rule.partition(":")
+    pick = max if goal == "max" else min
+    return pick(epochs, key=lambda e: e[metric])
+
+
+def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
+    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
+    score = _Scorer(recipe)
+    wanted = models_to_evaluate(recipe, model_dir)
+    results: dict[str, dict] = {}
+    examples: dict[str, dict] = {}
+    for name in ("base", "retrained"):
+        if name in wanted:
+            results[name], examples[name] = score(wanted[name])
+    out: dict = {"models": results}
+    if "unlearned" in wanted:
+        epochs = RunDir(out_dir).epoch_models() if recipe.eval.every_epoch else []
+        if epochs:
+            unlearned, examples["unlearned"], out["epochs"], out["selected"] = \
+                _evaluate_epochs(recipe, score, epochs, results.get("retrained"), out_dir)
+        else:
+            unlearned, examples["unlearned"] = score(wanted["unlearned"])
+        results["unlearned"] = unlearned
+    out["models"] = {name: results[name] for name in wanted}  # base, unlearned, retrained
+    out["retrained_auc"] = _add_privleak(recipe, score, out)
     RunDir(out_dir).write_results(out, examples)
     return out
+
+
+def _evaluate_epochs(recipe: Recipe, score: _Scorer, epochs: list[tuple[int, Path]],
+                     retrained: dict | None, out_dir: Path):
+    """MUSE scores of every epoch's model, the chosen epoch's full scores and records,
+    every epoch's scores and the choice."""
+    rows, records = [], {}
+    for n, path in epochs:
+        scores, records[n] = score(str(path), lm_eval=False)
+        rows.append({"epoch": n, "model": str(path.relative_to(out_dir)), **scores})
+    chosen = select_epoch(rows, recipe.eval.selection, retrained)
+    scores = {k: v for k, v in chosen.items() if k not in ("epoch", "model")}
+    if recipe.eval.lm_eval is not None:
+        scores.update(score(str(out_dir / chosen["model"]), muse=False)[0])
+    selected = {"rule": recipe.eval.selection, "epoch": chosen["epoch"], "model": chosen["model"]}
+    return scores, records[chosen["epoch"]], rows, selected
+
+
+def _add_privleak(recipe: Recipe, score: _Scorer, out: dict) -> float | None:
+    """PrivLeak of every scored model and epoch from the retrained model's AUC; that AUC."""
+    from blurctl.evaluate.muse import forget_auc, privleak
+    from blurctl.models import load_model
+
+    muse, results = recipe.eval.muse, out["models"]
+    if muse is None:
+        return None
+    retrained_auc = muse.retrained_auc
+    if "retrained" in results:
+        retrained_auc = results["retrained"]["privleak_auc"]
+    elif muse.retrained_model:
+        model = load_model(recipe.model, path=muse.retrained_model,
+                           field_name="eval.muse.retrained_model")
+        retrained_auc = forget_auc(model, score.tokenizer, score.corpus, muse.batch_size,
+                                   muse.max_examples)
+    if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf
+        print("warning: PrivLeak is undefined: the retrained model's privleak AUC is 0 and "
+              "PrivLeak divides by it (more texts, eval.muse.max_examples, may help)",
+              file=sys.stderr)
+    elif retrained_auc is not None:
+        for scores in [*results.values(), *out.get("epochs", [])]:
+            scores["privleak"] = privleak(scores["privleak_auc"], retrained_auc)
+            ci = scores.get("privleak_auc_ci")
+            if ci:
+                scores["privleak_ci"] = [privleak(ci[0], retrained_auc),
+                                         privleak(ci[1], retrained_auc)]
+    return retrained_auc

@@ -86,6 +86,7 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
         base=base, combiner=alg["combiner"],
         forget_loss=alg["forget_loss"], retain_loss=alg.get("retain_loss"),
         results_table=_results_table(results), metrics=MUSE_METRICS,
+        selected=results.get("selected"),
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False).strip(), versions=versions)
 
 
@@ -100,10 +101,12 @@ def _place(src: Path, dst: Path) -> None:
 def stage(run_dir: Path, repo_id: str, tags: list[str]) -> Path:
     """Lay out exactly what will be uploaded in ``RUN_DIR/publish``; return that folder."""
     run = RunDir(run_dir)
-    if not run.results.is_file():
+    results = run.read_results()
+    if results is None:
         raise BlurctlError(f"{run_dir}: no {run.results.name}; a run is published only with its "
                            f"evaluation (run: blurctl eval {run_dir})")
-    model_dir = run.model
+    selected = results.get("selected")  # eval.selection's epoch, when there is one
+    model_dir = run / selected["model"] if selected else run.model
     if not (model_dir / "config.json").is_file():
         raise BlurctlError(f"{run_dir}: no saved model in {model_dir}")
     stage_dir = run_dir / STAGE_DIRNAME

@@ -73,7 +73,7 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     """Check, then train and evaluate into ``recipe.output_dir``; the results (main process)."""
-    from blurctl.unlearn.loop import unlearn
+    from blurctl.unlearn.loop import Unlearner
 
     main = is_main_process()
     run_dir = Path(recipe.output_dir)
@@ -81,24 +81,36 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     with RunDir(run_dir).locked("run") if main else nullcontext():
         if main:
             prepare_run_dir(recipe, inputs, resume, overwrite)
-        model_dir = unlearn(recipe, run_dir, resume)
-        if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
-            return {}
+        trainer = Unlearner(recipe, run_dir)
         try:
-            with _signals_raise():
-                return evaluate(recipe, str(model_dir), run_dir)
-        except _Signalled as sig:
-            stopped = BlurctlError(f"evaluation stopped by {signal.Signals(sig.signum).name} (the "
-                                   f"trained model is saved in {model_dir}; finish with: "
-                                   f"blurctl eval {run_dir})")
-            stopped.exit_code = 128 + sig.signum
-            raise stopped from None
-        except Exception as exc:  # the model is safe; say so, in one line, whatever failed
-            detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            if not isinstance(exc, BlurctlError):
-                detail = f"{exc.__class__.__name__}: {detail}"
-            raise BlurctlError(f"evaluation failed: {detail} (the trained model is saved in "
-                               f"{model_dir}; finish with: blurctl eval {run_dir})") from None
+            model_dir = trainer.train(resume)
+            if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
+                return {}
+            results = _evaluate(recipe, model_dir, run_dir)
+            trainer.log_scores(results)
+            return results
+        finally:
+            trainer.accelerator.end_training()
+
+
+def _evaluate(recipe: Recipe, model_dir: Path, run_dir: Path) -> dict:
+    """Evaluate the trained model; a failure or a signal says the model is safe and how to
+    finish."""
+    try:
+        with _signals_raise():
+            return evaluate(recipe, str(model_dir), run_dir)
+    except _Signalled as sig:
+        stopped = BlurctlError(f"evaluation stopped by {signal.Signals(sig.signum).name} (the "
+                               f"trained model is saved in {model_dir}; finish with: "
+                               f"blurctl eval {run_dir})")
+        stopped.exit_code = 128 + sig.signum
+        raise stopped from None
+    except Exception as exc:  # the model is safe; say so, in one line, whatever failed
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if not isinstance(exc, BlurctlError):
+            detail = f"{exc.__class__.__name__}: {detail}"
+        raise BlurctlError(f"evaluation failed: {detail} (the trained model is saved in "
+                           f"{model_dir}; finish with: blurctl eval {run_dir})") from None
 
 
 class _Signalled(BaseException):

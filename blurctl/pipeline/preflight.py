@@ -15,6 +15,7 @@ from blurctl.data.sources import resolve
 from blurctl.errors import BlurctlError
 from blurctl.models import length_problems, load_config, model_skeleton, steering_problems
 from blurctl.recipe import Recipe
+from blurctl.unlearn.tracking import tracker_problems
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 
@@ -145,6 +146,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
             report.problems.append("data.retain: the same file as data.forget")
     report.problems += _check_output_dir(recipe, list(real))
     report.problems += hardware_problems(recipe)
+    report.problems += tracker_problems(recipe)
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))

@@ -130,6 +130,12 @@ class SteeringConfig(Section):
         return name.endswith(tuple(self.trained_suffixes))
 
 
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps them equal)
+Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml",
+                  "dvclive", "swanlab"]
+SELECTION_RULES = ("final", "muse_first_below_retrained")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
@@ -146,6 +152,17 @@ class TrainConfig(Section):
         None, gt=0, description="Examples per optimizer step over all processes; sets grad_accum.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    save_every_epoch: bool = Field(False, description="Save the model after every epoch in "
+                                                      "epochs/epoch-N (loadable, never pruned).")
+    report_to: list[Tracker] = Field(default_factory=list, description=(
+        "Experiment trackers (accelerate's): every logged statistic per step, the resolved "
+        "recipe as config, evaluation scores at the end. Install the tracker's package "
+        "(e.g. pip install 'blurctl[tensorboard]')."))
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return _as_list(value)
 
 
 class HardwareConfig(Section):
@@ -205,6 +222,23 @@ class EvalConfig(Section):
     lm_eval: LmEvalConfig | None = None
     compare_base: bool = Field(True, description="Also evaluate the model before unlearning.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0: none).")
+    every_epoch: bool = Field(False, description="Evaluate the MUSE metrics of every epoch's "
+                                                 "model (needs train.save_every_epoch).")
+    selection: str = Field("final", description=(
+        "Which model the run reports and publishes: 'final'; 'muse_first_below_retrained' (the "
+        "first epoch whose KnowMem_f is at or below the retrained model's, else the last: "
+        "MUSE's protocol); or 'max:<metric>' / 'min:<metric>' over the epochs."))
+
+    @field_validator("selection")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        from blurctl.evaluate.metrics import BY_KEY
+
+        goal, _, metric = value.partition(":")
+        if value in SELECTION_RULES or (goal in ("max", "min") and metric in BY_KEY):
+            return value
+        raise ValueError(f"expected {', '.join(SELECTION_RULES)}, max:<metric> or min:<metric> "
+                         f"with a metric of {', '.join(BY_KEY)}")
 
 
 class PublishConfig(Section):
@@ -283,6 +317,18 @@ def cross_field_problems(r: Recipe) -> list[str]:
     for i, c in enumerate(r.data.retain or []):
         if c.path in forget_paths:
             problems.append(f"data.retain.{i}: same corpus as data.forget ({c.path})")
+    if r.eval.every_epoch and not r.train.save_every_epoch:
+        problems.append("eval.every_epoch: needs train.save_every_epoch: true (the epochs' "
+                        "models are what it evaluates)")
+    if r.eval.every_epoch and r.eval.muse is None:
+        problems.append("eval.every_epoch: evaluates the MUSE metrics; set eval.muse")
+    if r.eval.selection != "final" and not r.eval.every_epoch:
+        problems.append(f"eval.selection: {r.eval.selection!r} chooses among the epochs; set "
+                        "eval.every_epoch: true (and train.save_every_epoch: true)")
+    if r.eval.selection == "muse_first_below_retrained" and not (
+            r.eval.muse and r.eval.muse.retrained_model):
+        problems.append("eval.selection: muse_first_below_retrained compares with the retrained "
+                        "model; set eval.muse.retrained_model")
     n = len(r.data.forget)
     if r.data.retain and len(r.data.retain) not in (1, n):
         problems.append(f"data.retain: {len(r.data.retain)} corpora for {n} forget corpora; "

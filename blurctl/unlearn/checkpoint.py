@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,10 +40,12 @@ def last_good_hint(run_dir: Path) -> str:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, strategy, is_main: bool,
-         keep: int) -> Path:
+         keep: int, describe: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint ``step`` atomically and prune older ones beyond ``keep``.
 
-    Every rank takes part in gathering the states (``strategy``); the main one writes."""
+    Every rank takes part in gathering the states (``strategy``); the main one writes.
+    ``describe(folder)`` adds files that make the folder a loadable model (config, tokenizer).
+    """
     model_state = strategy.model_state(model)
     optim_state = strategy.optimizer_state(model, optimizer)
     final = run_dir / CHECKPOINTS / f"step-{step:07d}"
@@ -56,6 +59,8 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, strategy, is_mai
         save_file({k: v.contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        if describe is not None:
+            describe(tmp)
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
         _fsync_dir(tmp)
         if final.exists():

@@ -33,6 +33,7 @@ from blurctl.unlearn.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, co
 from blurctl.unlearn.methods import METHODS
 from blurctl.unlearn.optim import make_optimizer
 from blurctl.unlearn.strategy import make_strategy
+from blurctl.unlearn.tracking import flat_config, score_values
 
 
 class Unlearner:
@@ -44,7 +45,9 @@ class Unlearner:
         self.recipe, self.run_dir = recipe, RunDir(run_dir)
         hw = recipe.hardware
         self.accelerator = Accelerator(cpu=hw.device == "cpu" or not torch.cuda.is_available(),
-                                       mixed_precision=hw.mixed_precision)
+                                       mixed_precision=hw.mixed_precision,
+                                       log_with=recipe.train.report_to or None,
+                                       project_dir=self.run_dir.tracking)
         self.strategy = make_strategy(self.accelerator, hw.strategy)
         self.method = METHODS.get(recipe.algorithm.combiner)
         self.accum = grad_accum(recipe)
@@ -188,19 +191,23 @@ class Unlearner:
                 + ckpt.last_good_hint(self.run_dir.path))
 
     def save_checkpoint(self, step: int) -> Path:
-        """Checkpoint after ``step`` optimizer steps (every rank takes part)."""
+        """Checkpoint after ``step`` optimizer steps (every rank takes part); it also holds
+        the model's config and tokenizer, so ``blurctl eval --model`` can load it."""
+        def describe(folder: Path) -> None:
+            self.accelerator.unwrap_model(self.model).config.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
         saved = ckpt.save(self.run_dir.path, step, self.model, self.optimizer, self.scheduler,
                           self.strategy, self.accelerator.is_main_process,
-                          self.recipe.train.keep_checkpoints)
+                          self.recipe.train.keep_checkpoints, describe)
         self.accelerator.wait_for_everyone()
         return saved
 
-    def finish(self) -> Path:
-        """Save the trained model (rewritten by the method's finish, if any); its folder."""
+    def save_model(self, target: Path) -> Path:
+        """Save the model as it is now into ``target`` (a loadable model folder), rewritten
+        by the method's finish (task vector) where it has one; every rank takes part."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         state = self.strategy.model_state(self.model)
-        target = self.run_dir.model
         if accelerator.is_main_process:
             if self.start_state is not None:
                 state = self.method.finish(state, self.start_state, self.recipe.algorithm)
@@ -208,6 +215,52 @@ class Unlearner:
                                        target, state)
         accelerator.wait_for_everyone()
         return target
+
+    def finish(self) -> Path:
+        """Save the trained model in the run folder's ``model/``; its folder."""
+        return self.save_model(self.run_dir.model)
+
+    def train(self, resume: bool = False) -> Path:
+        """Set up, run every step (logged, checkpointed, per-epoch models saved, stopped
+        cleanly by SIGTERM/SIGINT), save the model; its folder."""
+        start = self.setup(resume)
+        tr, accelerator = self.recipe.train, self.accelerator
+        accelerator.init_trackers(self.run_dir.path.name, config=flat_config(self.recipe))
+        stop = StopOnSignal()
+        log = self.run_dir.open_log(start) if accelerator.is_main_process else None
+        try:
+            with progress_bar(self.description, self.total, start) as advance:
+                for step in range(start, self.total):
+                    row = self.step(step)
+                    if log is not None:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                    done = step + 1
+                    if tr.save_every_epoch and (done % self.per_epoch == 0 or done == self.total):
+                        self.save_model(self.run_dir.epoch(math.ceil(done / self.per_epoch)))
+                    stopping = stop.requested(accelerator) and done < self.total
+                    if stopping or (tr.save_every and done % tr.save_every == 0 and done < self.total):
+                        saved = self.save_checkpoint(done)
+                    if stopping:
+                        raise Interrupted(f"stopped by {stop.name} after step {done}; "
+                                          f"checkpoint saved in {saved}; continue with --resume")
+                    advance(f=row["forget_loss"], r=row["retain_loss"], cos=row["cosine"])
+        finally:
+            stop.restore()
+            if log is not None:
+                log.close()
+        return self.finish()
+
+    @property
+    def description(self) -> str:
+        alg = self.recipe.algorithm
+        return (f"unlearning ({alg.combiner}: {alg.forget_loss}"
+                f"{'+' + alg.retain_loss if alg.retain_loss else ''})")
+
+    def log_scores(self, results: dict) -> None:
+        """Send the evaluation scores to the trackers, at the last step."""
+        self.accelerator.log(score_values(results), step=self.total)
 
 
 def take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -221,32 +274,9 @@ def take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 def unlearn(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
     """Run unlearning as the recipe says; return the folder of the saved model."""
     run = Unlearner(recipe, run_dir)
-    start = run.setup(resume)
-    alg, tr, accelerator = recipe.algorithm, recipe.train, run.accelerator
-    stop = StopOnSignal()
-    log = run.run_dir.open_log(start) if accelerator.is_main_process else None
-    desc = (f"unlearning ({alg.combiner}: {alg.forget_loss}"
-            f"{'+' + alg.retain_loss if alg.retain_loss else ''})")
-    try:
-        with progress_bar(desc, run.total, start) as advance:
-            for step in range(start, run.total):
-                row = run.step(step)
-                if log is not None:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                done = step + 1
-                stopping = stop.requested(accelerator) and done < run.total
-                if stopping or (tr.save_every and done % tr.save_every == 0 and done < run.total):
-                    saved = run.save_checkpoint(done)
-                if stopping:
-                    raise Interrupted(f"stopped by {stop.name} after step {done}; checkpoint "
-                                      f"saved in {saved}; continue with --resume")
-                advance(f=row["forget_loss"], r=row["retain_loss"], cos=row["cosine"])
-    finally:
-        stop.restore()
-        if log is not None:
-            log.close()
-    return run.finish()
+    model_dir = run.train(resume)
+    run.accelerator.end_training()
+    return model_dir
 
 
 class Interrupted(BlurctlError):
