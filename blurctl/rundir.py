@@ -29,6 +29,7 @@ LOG = "train_log.jsonl"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
 EPOCHS = "epochs"
+REFERENCE_LOGPS = "reference_logps.pt"  # train.precompute_reference's log pi_ref per chunk
 TRACKING = "tracking"  # files of the experiment trackers that write any (TensorBoard)
 RESULTS = "results.json"
 EXAMPLES = "eval_examples.json"
@@ -36,7 +37,7 @@ LOCK = ".blurctl.lock"
 # What an earlier run leaves; a new run into a folder holding any of them needs
 # --resume (continue it) or --overwrite (replace it).
 RUN_OUTPUTS = (RECIPE, LOG, MODEL, CHECKPOINTS, EPOCHS, RESULTS, EXAMPLES, INPUTS, ENVIRONMENT,
-               TRACKING)
+               TRACKING, REFERENCE_LOGPS)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,6 +134,7 @@ class RunDir:
     model = property(lambda self: self.path / MODEL)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     tracking = property(lambda self: self.path / TRACKING)
+    reference_logps = property(lambda self: self.path / REFERENCE_LOGPS)
     epochs = property(lambda self: self.path / EPOCHS)
     results = property(lambda self: self.path / RESULTS)
     examples = property(lambda self: self.path / EXAMPLES)

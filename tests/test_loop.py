@@ -80,3 +80,38 @@ def test_task_vector_finish_negates_the_fine_tuning(tmp_path):
     saved = load_file(run.finish() / "model.safetensors")
     for k, v in saved.items():
         torch.testing.assert_close(v, start[k] - 2.0 * (fine_tuned[k] - start[k]))
+
+
+def test_precomputed_reference_matches_the_reference_model(tmp_path):
+    """NPO on precomputed log pi_ref gives the same steps as with the reference model; no
+    reference model is kept. Same maths, batches padded differently: float32 rounding only."""
+    online = _unlearner(tmp_path / "online")
+    pre = _unlearner(tmp_path / "pre", "train.precompute_reference=true")
+    assert online.reference is not None and pre.reference is None
+    assert (tmp_path / "pre" / "reference_logps.pt").is_file()
+    for step in range(2):
+        a, b = online.step(step), pre.step(step)
+        for key in ("forget_loss", "retain_loss", "dot", "forget_sq"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    for p, q in zip(online.params, pre.params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_is_read_back_on_resume(tmp_path):
+    first = _unlearner(tmp_path, "train.precompute_reference=true")
+    saved = torch.load(tmp_path / "reference_logps.pt")
+    first.step(0)  # the model moves; a resumed run must not recompute from it
+    torch.save([v + 1.0 for v in saved], tmp_path / "reference_logps.pt")
+    again = _unlearner(tmp_path, "train.precompute_reference=true")
+    assert all(torch.equal(a, b + 1.0) for a, b in zip(again.ref_logps, saved, strict=True))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.retain_loss=klr"], "retain_loss='klr' needs the reference model"),
+    (["algorithm.forget_loss=simnpo"], "no loss of this algorithm uses a reference"),
+])
+def test_precompute_reference_is_refused_where_it_cannot_work(overrides, message):
+    from blurctl.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(DEMO, ["train.precompute_reference=true", *overrides])

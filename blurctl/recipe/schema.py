@@ -101,6 +101,11 @@ class AlgorithmConfig(Section):
     def uses_rmu(self) -> bool:
         return "rmu" in (self.forget_loss, self.retain_loss)
 
+    def losses(self) -> list:
+        """The registered losses the algorithm uses (forget, then retain)."""
+        return [FORGET_LOSSES[self.forget_loss],
+                *([RETAIN_LOSSES[self.retain_loss]] if self.retain_loss else [])]
+
     @property
     def reference_losses(self) -> list[str]:
         """The chosen losses that need a frozen reference model, as ``kind_loss='name'``."""
@@ -152,6 +157,10 @@ class TrainConfig(Section):
         None, gt=0, description="Examples per optimizer step over all processes; sets grad_accum.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    precompute_reference: bool = Field(
+        False, description="Compute pi_ref's log-probability of every forget chunk once, before "
+                           "training, and keep no reference model (npo; klr and rmu-retain need "
+                           "the reference model at every step).")
     save_every_epoch: bool = Field(False, description="Save the model after every epoch in "
                                                       "epochs/epoch-N (loadable, never pruned).")
     report_to: list[Tracker] = Field(default_factory=list, description=(
@@ -317,6 +326,15 @@ def cross_field_problems(r: Recipe) -> list[str]:
     for i, c in enumerate(r.data.retain or []):
         if c.path in forget_paths:
             problems.append(f"data.retain.{i}: same corpus as data.forget ({c.path})")
+    if r.train.precompute_reference:
+        model_refs = [f"{loss.kind}_loss={loss.name!r}" for loss in alg.losses()
+                      if loss.needs_reference and not loss.precomputable]
+        if model_refs:
+            problems.append(f"train.precompute_reference: algorithm.{model_refs[0]} needs the "
+                            "reference model at every step; only npo's can be precomputed")
+        elif not alg.reference_losses:
+            problems.append("train.precompute_reference: no loss of this algorithm uses a "
+                            "reference; remove the setting")
     if r.eval.every_epoch and not r.train.save_every_epoch:
         problems.append("eval.every_epoch: needs train.save_every_epoch: true (the epochs' "
                         "models are what it evaluates)")

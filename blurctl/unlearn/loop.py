@@ -29,7 +29,13 @@ from blurctl.rundir import RunDir
 from blurctl.unlearn import checkpoint as ckpt
 from blurctl.unlearn.batches import BatchPlan, steps_per_epoch
 from blurctl.unlearn.combine import Weights, combine_
-from blurctl.unlearn.losses import FORGET_LOSSES, RETAIN_LOSSES, LossContext, control_vector
+from blurctl.unlearn.losses import (
+    FORGET_LOSSES,
+    RETAIN_LOSSES,
+    LossContext,
+    control_vector,
+    sequence_logprob,
+)
 from blurctl.unlearn.methods import METHODS
 from blurctl.unlearn.optim import make_optimizer
 from blurctl.unlearn.strategy import make_strategy
@@ -70,6 +76,7 @@ class Unlearner:
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
+        self.ref_logps = self._reference_logps() if self.recipe.train.precompute_reference else None
         start = 0
         if resume:
             start = ckpt.restore_latest(self.run_dir.path, self.model, self.optimizer,
@@ -101,7 +108,7 @@ class Unlearner:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(steering.trains(name))
         self.reference = None
-        if alg.reference_losses:
+        if alg.reference_losses and not recipe.train.precompute_reference:
             self.reference = frozen_copy(self.model if recipe.model.reference == "copy" else
                                          load_model(recipe.model, path=recipe.model.reference,
                                                     field_name="model.reference"))
@@ -120,12 +127,47 @@ class Unlearner:
         self.combiner = self.method.combiner if self.method else alg.combiner
         self.model.train()
 
-    def _micro_batches(self, plan: BatchPlan, chunks: list[list[int]], step: int) -> list[dict]:
+    def _reference_logps(self) -> list[torch.Tensor]:
+        """log pi_ref of every forget chunk, per corpus: read from the run folder (a resumed
+        run) or computed once with the starting model (or ``model.reference``) and saved."""
+        cache = self.run_dir.reference_logps
+        if cache.is_file():
+            return torch.load(cache)
+        recipe, size = self.recipe, self.recipe.train.batch_size
+        ref = self.model if recipe.model.reference == "copy" else load_model(
+            recipe.model, path=recipe.model.reference, field_name="model.reference").to(
+            self.accelerator.device)
+        ref.eval()
+        logps = []
+        batches = sum(math.ceil(len(chunks) / size) for chunks in self.forget_sets)
+        with torch.no_grad(), progress_bar("reference log-probs", batches) as advance:
+            for chunks in self.forget_sets:
+                values = []
+                for i in range(0, len(chunks), size):
+                    batch = collate(chunks[i:i + size], self.tokenizer.pad_token_id)
+                    with self.accelerator.autocast():
+                        values.append(sequence_logprob(ref, {k: v.to(self.accelerator.device)
+                                                             for k, v in batch.items()})[0].cpu())
+                    advance()
+                logps.append(torch.cat(values))
+        self.model.train()
+        if self.accelerator.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(logps, cache)
+        return logps
+
+    def _micro_batches(self, plan: BatchPlan, chunks: list[list[int]], step: int,
+                       ref_logps: torch.Tensor | None = None) -> list[dict]:
         """The step's micro-batches on the device, each carrying the global token counts
-        that make per-rank, per-micro-batch losses add up to the step's mean."""
+        that make per-rank, per-micro-batch losses add up to the step's mean (and, where
+        precomputed, each chunk's log pi_ref)."""
         accelerator, world = self.accelerator, self.accelerator.num_processes
-        batches = [collate([chunks[i] for i in plan.indices(step * self.accum + k)],
-                           self.tokenizer.pad_token_id) for k in range(self.accum)]
+        batches = []
+        for k in range(self.accum):
+            indices = plan.indices(step * self.accum + k)
+            batches.append(collate([chunks[i] for i in indices], self.tokenizer.pad_token_id))
+            if ref_logps is not None:
+                batches[-1]["ref_logp"] = ref_logps[indices]
         counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()]
                                for b in batches], dtype=torch.float64).sum(0)
         if world > 1:
@@ -154,7 +196,8 @@ class Unlearner:
         r_corpus = corpus if len(self.retain_sets) > 1 else 0
         ctx = self.contexts[corpus]
         f_loss = self._accumulate(self.forget_fn, self._micro_batches(
-            self.forget_plans[corpus], self.forget_sets[corpus], turn), ctx)
+            self.forget_plans[corpus], self.forget_sets[corpus], turn,
+            self.ref_logps[corpus] if self.ref_logps else None), ctx)
         g_f = take_grads(self.params)
         if self.retain_fn is not None:
             r_loss = self._accumulate(self.retain_fn, self._micro_batches(

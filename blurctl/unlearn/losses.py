@@ -46,18 +46,22 @@ class Loss:
     kind: str  # "forget" or "retain"
     fn: LossFn
     needs_reference: bool = False
+    # needs only log pi_ref(x) of each chunk, which can be computed once before training
+    # (``train.precompute_reference``) and arrives as ``batch["ref_logp"]``
+    precomputable: bool = False
 
 
 FORGET_LOSSES: dict[str, Loss] = {}
 RETAIN_LOSSES: dict[str, Loss] = {}
 
 
-def register(kind: str, name: str, needs_reference: bool = False) -> Callable[[LossFn], LossFn]:
+def register(kind: str, name: str, needs_reference: bool = False,
+             precomputable: bool = False) -> Callable[[LossFn], LossFn]:
     """Make ``fn`` available as ``algorithm.<kind>_loss: <name>``."""
     table = {"forget": FORGET_LOSSES, "retain": RETAIN_LOSSES}[kind]
 
     def add(fn: LossFn) -> LossFn:
-        table[name] = Loss(name, kind, fn, needs_reference)
+        table[name] = Loss(name, kind, fn, needs_reference, precomputable)
         return fn
     return add
 
@@ -96,12 +100,16 @@ def ga(model, ref, batch, ctx) -> torch.Tensor:
     return -nll(model, batch)
 
 
-@register("forget", "npo", needs_reference=True)
+@register("forget", "npo", needs_reference=True, precomputable=True)
 def npo(model, ref, batch, ctx) -> torch.Tensor:
-    """Sequence-level NPO: -(2/beta) mean log sigmoid(-beta (log pi(x) - log pi_ref(x)))."""
+    """Sequence-level NPO: -(2/beta) mean log sigmoid(-beta (log pi(x) - log pi_ref(x))).
+
+    log pi_ref(x) comes from ``batch["ref_logp"]`` when precomputed, else from ``ref``."""
     logp, _ = sequence_logprob(model, batch)
-    with torch.no_grad():
-        ref_logp, _ = sequence_logprob(ref, batch)
+    ref_logp = batch.get("ref_logp")
+    if ref_logp is None:
+        with torch.no_grad():
+            ref_logp, _ = sequence_logprob(ref, batch)
     return -(2.0 / ctx.alg.beta) * F.logsigmoid(-ctx.alg.beta * (logp - ref_logp)).mean()
 
 
