@@ -115,3 +115,11 @@ def test_precompute_reference_is_refused_where_it_cannot_work(overrides, message
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(DEMO, ["train.precompute_reference=true", *overrides])
+
+
+def test_offloading_the_forget_gradient_changes_nothing(tmp_path):
+    """The set-aside gradient moved to CPU memory and back: the same values, the same step."""
+    kept = _unlearner(tmp_path / "kept")
+    moved = _unlearner(tmp_path / "moved", "train.offload_forget_grad=true")
+    assert kept.step(0) == moved.step(0)
+    assert all(torch.equal(p, q) for p, q in zip(kept.params, moved.params, strict=True))

@@ -161,6 +161,9 @@ class TrainConfig(Section):
         False, description="Compute pi_ref's log-probability of every forget chunk once, before "
                            "training, and keep no reference model (npo; klr and rmu-retain need "
                            "the reference model at every step).")
+    offload_forget_grad: bool = Field(
+        False, description="Keep the set-aside forget gradient in CPU memory during the retain "
+                           "pass (saves one gradient buffer on the accelerator at its peak).")
     save_every_epoch: bool = Field(False, description="Save the model after every epoch in "
                                                       "epochs/epoch-N (loadable, never pruned).")
     report_to: list[Tracker] = Field(default_factory=list, description=(

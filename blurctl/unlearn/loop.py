@@ -200,9 +200,12 @@ class Unlearner:
             self.ref_logps[corpus] if self.ref_logps else None), ctx)
         g_f = take_grads(self.params)
         if self.retain_fn is not None:
+            if self.recipe.train.offload_forget_grad:  # off the accelerator for the retain pass
+                g_f = [g.to("cpu") for g in g_f]
             r_loss = self._accumulate(self.retain_fn, self._micro_batches(
                 self.retain_plans[r_corpus], self.retain_sets[r_corpus], turn), ctx)
             g_r = take_grads(self.params)
+            g_f = [f.to(r.device) for f, r in zip(g_f, g_r, strict=True)]
         else:  # a zero retain gradient, allocated each step, so one combine serves all
             r_loss = torch.zeros((), device=f_loss.device)
             g_r = [torch.zeros_like(g) for g in g_f]
