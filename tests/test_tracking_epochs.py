@@ -130,3 +130,22 @@ def test_step_checkpoints_can_be_evaluated(tmp_path):
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "eval-step-0000002" / "results.json").read_text())
     assert set(scores["models"]) == {"unlearned"}
+
+
+def test_a_sweep_evaluates_base_and_retrained_once(tmp_path, monkeypatch):
+    import blurctl.evaluate.muse as muse
+
+    calls = []
+    real = muse.evaluate_muse
+    monkeypatch.setattr(muse, "evaluate_muse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = CliRunner().invoke(app, ["sweep", str(DEMO), *QUICK, "train.max_steps=2",
+                                      "seed=0,1", f"output_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads((tmp_path / f"seed-{s}" / "results.json").read_text())
+                     for s in (0, 1))
+    assert len(calls) == 3 + 1  # base, retrained, unlearned; then only the second unlearned
+    assert second["reused"] == {"models": ["base", "retrained"], "from": str(tmp_path / "seed-0")}
+    for name in ("base", "retrained"):
+        assert second["models"][name] == first["models"][name]
+    examples = json.loads((tmp_path / "seed-1" / "eval_examples.json").read_text())
+    assert set(examples) == {"base", "unlearned", "retrained"}

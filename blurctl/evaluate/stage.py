@@ -71,16 +71,50 @@ def select_epoch(epochs: list[dict], rule: str, retrained: dict | None) -> dict:
     return pick(epochs, key=lambda e: e[metric])
 
 
-def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
-    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
+def reference_identity(recipe: Recipe) -> str:
+    """What the base and retrained models' scores depend on: the model and eval sections
+    (and the seed, where lm-eval samples few-shot examples with it)."""
+    import json
+
+    lm = recipe.eval.lm_eval
+    seeded = lm is not None and bool(lm.num_fewshot)
+    return json.dumps({"model": recipe.model.model_dump(mode="json"),
+                       "eval": recipe.eval.model_dump(mode="json", exclude={"every_epoch", "selection"}),
+                       "seed": recipe.seed if seeded else None}, sort_keys=True)
+
+
+def _reusable(recipe: Recipe, earlier: Path | None) -> tuple[dict, dict]:
+    """The base/retrained scores and records of an earlier run evaluated the same way."""
+    if earlier is None:
+        return {}, {}
+    from blurctl.recipe import validate_dict
+
+    run = RunDir(earlier)
+    results = run.read_results()
+    if not results or not run.examples.is_file() or not run.recipe.is_file() or \
+            reference_identity(validate_dict(run.read_recipe())) != reference_identity(recipe):
+        return {}, {}
+    examples = run.read_json(run.examples)
+    names = [n for n in ("base", "retrained") if n in results["models"] and n in examples]
+    return ({n: results["models"][n] for n in names}, {n: examples[n] for n in names})
+
+
+def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path,
+             reuse_from: Path | None = None) -> dict:
+    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``.
+
+    ``reuse_from``: a run folder whose base and retrained scores are taken over when it was
+    evaluated the same way (a sweep evaluates them once)."""
     score = _Scorer(recipe)
     wanted = models_to_evaluate(recipe, model_dir)
-    results: dict[str, dict] = {}
-    examples: dict[str, dict] = {}
+    results, examples = _reusable(recipe, reuse_from)
+    reused = sorted(n for n in results if n in wanted)
     for name in ("base", "retrained"):
-        if name in wanted:
+        if name in wanted and name not in results:
             results[name], examples[name] = score(wanted[name])
     out: dict = {"models": results}
+    if reused:
+        out["reused"] = {"models": reused, "from": str(reuse_from)}
     if "unlearned" in wanted:
         epochs = RunDir(out_dir).epoch_models() if recipe.eval.every_epoch else []
         if epochs:
@@ -90,6 +124,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
             unlearned, examples["unlearned"] = score(wanted["unlearned"])
         results["unlearned"] = unlearned
     out["models"] = {name: results[name] for name in wanted}  # base, unlearned, retrained
+    examples = {name: examples[name] for name in wanted}
     out["retrained_auc"] = _add_privleak(recipe, score, out)
     RunDir(out_dir).write_results(out, examples)
     return out

@@ -71,8 +71,10 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
-    """Check, then train and evaluate into ``recipe.output_dir``; the results (main process)."""
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+        reuse_from: Path | None = None) -> dict:
+    """Check, then train and evaluate into ``recipe.output_dir``; the results (main process).
+    ``reuse_from``: an earlier run whose base/retrained scores serve if evaluated alike."""
     from blurctl.unlearn.loop import Unlearner
 
     main = is_main_process()
@@ -86,19 +88,19 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
             model_dir = trainer.train(resume)
             if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
                 return {}
-            results = _evaluate(recipe, model_dir, run_dir)
+            results = _evaluate(recipe, model_dir, run_dir, reuse_from)
             trainer.log_scores(results)
             return results
         finally:
             trainer.accelerator.end_training()
 
 
-def _evaluate(recipe: Recipe, model_dir: Path, run_dir: Path) -> dict:
+def _evaluate(recipe: Recipe, model_dir: Path, run_dir: Path, reuse_from: Path | None) -> dict:
     """Evaluate the trained model; a failure or a signal says the model is safe and how to
     finish."""
     try:
         with _signals_raise():
-            return evaluate(recipe, str(model_dir), run_dir)
+            return evaluate(recipe, str(model_dir), run_dir, reuse_from)
     except _Signalled as sig:
         stopped = BlurctlError(f"evaluation stopped by {signal.Signals(sig.signum).name} (the "
                                f"trained model is saved in {model_dir}; finish with: "

@@ -76,17 +76,23 @@ def run_points(points: list[SweepPoint], overwrite: bool = False,
                on_error: Callable[[SweepPoint, Exception], None] | None = None,
                ) -> tuple[list[Path], list[str]]:
     """Run every point one after another; (run folders done, names of the runs that failed).
-    A failed run is reported through ``on_error`` and the sweep goes on."""
+    A failed run is reported through ``on_error`` and the sweep goes on. The base and
+    retrained models are evaluated once: later runs evaluated alike take their scores
+    from the first finished run (``results.json`` says so under ``reused``)."""
     from blurctl.errors import BlurctlError
+    from blurctl.evaluate.stage import reference_identity
     from blurctl.pipeline.job import run
 
     done, failed = [], []
+    evaluated: dict[str, Path] = {}  # reference identity -> the first run evaluated that way
     for i, point in enumerate(points, 1):
         if on_start:
             on_start(i, point)
         try:
-            run(point.recipe, overwrite=overwrite)
+            identity = reference_identity(point.recipe)
+            run(point.recipe, overwrite=overwrite, reuse_from=evaluated.get(identity))
             done.append(Path(point.recipe.output_dir))
+            evaluated.setdefault(identity, done[-1])
         except BlurctlError as exc:
             failed.append(point.name)
             if on_error:
