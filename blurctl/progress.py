@@ -12,7 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (or outside a distributed launch)."""
+    """True on rank 0 (or outside a distributed launch).
+
+    Read from the launcher's RANK rather than accelerate's ``PartialState``, which would set
+    up the process group here, before the recipe's accelerator settings (CPU or GPU
+    backend, mixed precision) are known."""
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -79,6 +79,9 @@ class CharTokenizer:
     bos_token_id = 1
 
     def __call__(self, text, add_special_tokens=False, verbose=True):
+        """One text or a batch of texts, as a Hugging Face tokenizer takes them."""
+        if isinstance(text, list):
+            return {"input_ids": [[ord(c) for c in t] for t in text]}
         return {"input_ids": [ord(c) for c in text]}
 
 

@@ -112,8 +112,9 @@ def chunk_texts(texts: list[str], tokenizer, max_len: int, first_only: bool = Fa
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = max_len - len(bos)
     chunks = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    # one batched call: a fast tokenizer encodes the texts in parallel (what datasets.map
+    # would call, without its copy of every corpus on disk)
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         starts = range(0, len(ids), body)
         chunks += [bos + ids[i:i + body] for i in (starts[:1] if first_only else starts)]
     return chunks

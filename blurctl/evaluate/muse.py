@@ -162,29 +162,31 @@ def mink_scores(model, tokenizer, texts: list[str], batch_size: int,
 
 
 def bootstrap_ci(values: list[float], resamples: int, seed: int = 0) -> list[float] | None:
-    """95% percentile-bootstrap interval of the mean of ``values``."""
-    import numpy as np
-
+    """95% percentile-bootstrap interval of the mean of ``values`` (scipy's bootstrap)."""
     if resamples <= 0 or len(values) < 2:
         return None
-    rng = np.random.default_rng(seed)
-    arr = np.asarray(values, dtype=float)
-    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return _percentile_interval((values,), lambda x, axis: x.mean(axis=axis), resamples, seed,
+                                vectorized=True)
 
 
 def auc_ci(forget: list[float], holdout: list[float], resamples: int,
            seed: int = 0) -> list[float] | None:
     """95% bootstrap interval of the membership AUC, resampling each group separately."""
-    import numpy as np
-
     if resamples <= 0 or min(len(forget), len(holdout)) < 2:
         return None
-    rng = np.random.default_rng(seed)
-    f, h = np.asarray(forget), np.asarray(holdout)
-    aucs = [membership_auc(list(f[rng.integers(0, len(f), len(f))]),
-                           list(h[rng.integers(0, len(h), len(h))])) for _ in range(resamples)]
-    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+    return _percentile_interval((forget, holdout), lambda f, h: membership_auc(list(f), list(h)),
+                                resamples, seed, vectorized=False)
+
+
+def _percentile_interval(samples: tuple, statistic, resamples: int, seed: int,
+                         vectorized: bool) -> list[float]:
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    result = bootstrap(tuple(np.asarray(s, dtype=float) for s in samples), statistic,
+                       n_resamples=resamples, method="percentile", paired=False,
+                       vectorized=vectorized, random_state=np.random.default_rng(seed))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
 def membership_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:

@@ -347,11 +347,11 @@ class StopOnSignal:
         self.name = signal.Signals(signum).name
 
     def requested(self, accelerator) -> bool:
-        """True when any rank was signalled (all ranks agree, one scalar all-reduce)."""
-        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        signalled = flag.item() > 0  # one host sync
+        """True when any rank was signalled (all ranks agree: accelerate's trigger, one
+        scalar all-reduce)."""
+        if self.name is not None:
+            accelerator.set_trigger()
+        signalled = accelerator.check_trigger()
         if signalled and self.name is None:
             self.name = "a signal on another rank"
         return signalled
