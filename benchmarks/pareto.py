@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from blurctl.pipeline.sweep import expand, run_points
+from blurctl.progress import quiet_libraries
 from blurctl.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny settings")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
+    quiet_libraries()
     points = grid(args.out, args.weights.split(","), args.seeds.split(","),
                   QUICK if args.quick else [])
     done, failed = run_points(points, args.overwrite,

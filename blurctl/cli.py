@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blurctl.errors import BlurctlError, InputError
+from blurctl.progress import quiet_libraries
 from blurctl.recipe import Recipe, RecipeError, load_recipe, recipe_yaml
 from blurctl.rundir import RunDir
 
@@ -370,20 +371,8 @@ def bench_build(dest: Annotated[Path, typer.Argument(
               f"({ARTIFACTS / MANIFEST}): {', '.join(differ)}", markup=False)
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars and messages replace the libraries' per-file chatter."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app()
     except KeyboardInterrupt:

@@ -54,3 +54,15 @@ def _plain_lines(desc: str, total: int, completed: int) -> Callable[..., None]:
                   file=sys.stderr, flush=True)
 
     return advance
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and messages replace the libraries' per-file chatter."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
