@@ -53,7 +53,7 @@ def print_table(table: Table) -> None:
 
 def results_table(results: dict) -> Table:
     """Each evaluated model's metrics, with 95% intervals where they were computed."""
-    from blurctl.evaluate.metrics import metric_keys, title
+    from blurctl.evaluate.metrics import metric_keys, score_cell, title
 
     models = results.get("models", {})
     shown = [k for k in metric_keys(models.values()) if any(k in s for s in models.values())]
@@ -61,15 +61,8 @@ def results_table(results: dict) -> Table:
     table.add_column("model")
     for k in shown:
         table.add_column(title(k), justify="right")
-
-    def cell(scores: dict, k: str) -> str:
-        if k not in scores or scores[k] is None:
-            return "-"
-        ci = scores.get(f"{k}_ci")
-        return f"{scores[k]:.2f}" + (f" ±{(ci[1] - ci[0]) / 2:.1f}" if ci else "")
-
     for name, scores in models.items():
-        table.add_row(name, *(cell(scores, k) for k in shown))
+        table.add_row(name, *(score_cell(scores, k, intervals=True) for k in shown))
     return table
 
 

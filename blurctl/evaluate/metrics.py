@@ -58,3 +58,24 @@ def format_score(value, sd=None) -> str:
     if not isinstance(value, (int, float)):
         return "-"
     return f"{value:.2f} ± {sd:.2f}" if isinstance(sd, (int, float)) else f"{value:.2f}"
+
+
+def score_cell(scores: dict, key: str, intervals: bool = False) -> str:
+    """A score as every table shows it: ± the sd over seeds where there is one, else (with
+    ``intervals``) ± half its 95% bootstrap interval where one was computed."""
+    ci = scores.get(f"{key}_ci") if intervals else None
+    spread = scores.get(f"{key}_sd")
+    if not isinstance(spread, (int, float)) and ci:
+        spread = (ci[1] - ci[0]) / 2
+    return format_score(scores.get(key), spread)
+
+
+def markdown_table(labels: list[str], rows: list[tuple[list[str], dict]], keys: list[str],
+                   header=title, intervals: bool = False) -> str:
+    """``labels`` columns, then one right-aligned column per metric key."""
+    lines = ["| " + " | ".join([*labels, *(header(k) for k in keys)]) + " |",
+             "|" + " --- |" * len(labels) + " ---: |" * len(keys)]
+    for names, scores in rows:
+        lines.append("| " + " | ".join([*names, *(score_cell(scores, k, intervals)
+                                                  for k in keys)]) + " |")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from blurctl.errors import BlurctlError
-from blurctl.evaluate.metrics import format_score, metric_keys, title
+from blurctl.evaluate.metrics import markdown_table, metric_keys, title
 from blurctl.rundir import RunDir
 
 
@@ -69,13 +69,8 @@ def aggregate_seeds(rows: list[dict]) -> list[dict]:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    keys = metric_keys(rows)
-    head = ["run", "method", *(title(k) for k in keys)]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["run"], r["method"], *(
-            format_score(r.get(k), r.get(f"{k}_sd")) for k in keys)]) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["run", "method"], [([r["run"], r["method"]], r) for r in rows],
+                          metric_keys(rows)) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:

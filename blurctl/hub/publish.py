@@ -20,7 +20,7 @@ from blurctl.evaluate.metrics import (
     BY_KEY,
     MUSE_METRICS,
     accuracy_keys,
-    format_score,
+    markdown_table,
 )
 from blurctl.rundir import ENVIRONMENT, LOG, RECIPE, RESULTS, RunDir
 
@@ -53,12 +53,8 @@ def _results_table(results: dict) -> str:
     models = results.get("models", {})
     keys = [m.key for m in MUSE_METRICS if any(m.key in s for s in models.values())]
     keys += accuracy_keys(models.values())
-    lines = ["| model | " + " | ".join(BY_KEY[k].name if k in BY_KEY else k for k in keys) + " |",
-             "| --- |" + " ---: |" * len(keys)]
-    for name, scores in models.items():
-        cells = [format_score(scores.get(k)) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["model"], [([name], scores) for name, scores in models.items()], keys,
+                          header=lambda k: BY_KEY[k].name if k in BY_KEY else k, intervals=True)
 
 
 def model_card(run_dir: Path, repo_id: str, tags: list[str]):
