@@ -71,7 +71,7 @@ def _read_dataset(cfg: CorpusConfig, path: str, kind: str, field_name: str) -> l
     return list(ds[cfg.text_field])
 
 
-def looks_like_hub_id(path: str) -> bool:
+def _looks_like_hub_id(path: str) -> bool:
     return (not path.startswith(("/", ".", "~")) and Path(path).suffix not in TEXT_SUFFIXES
             and path.count("/") <= 1)
 
@@ -89,7 +89,7 @@ def source_kind(path: str) -> str:
         return "repo" if is_dataset_repo(local) else "folder"
     if local.exists():  # a FIFO would block forever
         return "special"
-    return "hub" if looks_like_hub_id(path) else "missing"
+    return "hub" if _looks_like_hub_id(path) else "missing"
 
 
 def corpus_identity(cfg: CorpusConfig) -> tuple | None:
