@@ -15,16 +15,17 @@ import time
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blurctl.data.bench.build import ensure_benchmark
-from blurctl.evaluate.muse import knowmem, read_json, verbmem
+from blurctl.data.muse_corpus import MuseCorpus
+from blurctl.evaluate.muse import knowmem, verbmem
 
 
-def run_all(model, tok, corpus, batch_size: int) -> tuple[float, list]:
+def run_all(model, tok, corpus: MuseCorpus, batch_size: int) -> tuple[float, list]:
     start = time.perf_counter()
-    vm = verbmem(model, tok, read_json(corpus, "verbmem/forget.json"), 128, batch_size)
-    kf = knowmem(model, tok, read_json(corpus, "knowmem/forget_qa.json"),
-                 read_json(corpus, "knowmem/forget_qa_icl.json"), 32, batch_size, "KnowMem_f")
-    kr = knowmem(model, tok, read_json(corpus, "knowmem/retain_qa.json"),
-                 read_json(corpus, "knowmem/retain_qa_icl.json"), 32, batch_size, "KnowMem_r")
+    vm = verbmem(model, tok, corpus.items("verbmem", "forget"), 128, batch_size)
+    kf = knowmem(model, tok, corpus.items("knowmem", "forget_qa"),
+                 corpus.items("knowmem", "forget_qa_icl"), 32, batch_size, "KnowMem_f")
+    kr = knowmem(model, tok, corpus.items("knowmem", "retain_qa"),
+                 corpus.items("knowmem", "retain_qa_icl"), 32, batch_size, "KnowMem_r")
     outputs = [e["output"] for r in (vm, kf, kr) for e in r.examples]
     return time.perf_counter() - start, outputs
 
@@ -36,8 +37,10 @@ def main() -> None:
     root = ensure_benchmark()
     model = AutoModelForCausalLM.from_pretrained(root / "target").eval()
     tok = AutoTokenizer.from_pretrained(root / "target")
-    t_one, out_one = run_all(model, tok, root / "corpus", 1)
-    t_batch, out_batch = run_all(model, tok, root / "corpus", args.batch_size)
+    corpus = MuseCorpus(str(root / "corpus"))
+    corpus.problems()  # read every file once, so neither timing includes it
+    t_one, out_one = run_all(model, tok, corpus, 1)
+    t_batch, out_batch = run_all(model, tok, corpus, args.batch_size)
     print(f"one at a time: {t_one:.1f} s   batched ({args.batch_size}): {t_batch:.1f} s   "
           f"speed-up: {t_one / t_batch:.1f}x   identical outputs: {out_one == out_batch}")
 

@@ -48,7 +48,8 @@ def test_forget_facts_appear_only_in_forget_corpus(tmp_path):
 def test_built_benchmark_has_models_that_memorised_forget(embedded):
     from transformers import AutoModelForCausalLM
 
-    from blurctl.evaluate.muse import knowmem, read_json
+    from blurctl.data.muse_corpus import MuseCorpus
+    from blurctl.evaluate.muse import knowmem
     from blurctl.models import load_tokenizer
     from blurctl.recipe import ModelConfig
 
@@ -57,8 +58,9 @@ def test_built_benchmark_has_models_that_memorised_forget(embedded):
     assert resolve("embedded:corpus") == str(root / "corpus")
     assert resolve("/some/path") == "/some/path"
     tok = load_tokenizer(ModelConfig(path="embedded:target"))
-    qa = read_json(root / "corpus", "knowmem/forget_qa.json")[:20]
-    icl = read_json(root / "corpus", "knowmem/forget_qa_icl.json")
+    corpus = MuseCorpus("embedded:corpus")
+    qa = corpus.items("knowmem", "forget_qa")[:20]
+    icl = corpus.items("knowmem", "forget_qa_icl")
     target = AutoModelForCausalLM.from_pretrained(root / "target")
     retrained = AutoModelForCausalLM.from_pretrained(root / "retrained")
     assert knowmem(target, tok, qa, icl, 16, 20, "t").score > 50

@@ -8,6 +8,7 @@ from helpers import DEMO
 from typer.testing import CliRunner
 
 from blurctl.cli import app
+from blurctl.data.muse_corpus import MuseCorpus
 from blurctl.errors import BlurctlError
 from blurctl.evaluate.muse import (
     auc_ci,
@@ -17,7 +18,6 @@ from blurctl.evaluate.muse import (
     membership_auc,
     mink_scores,
     privleak,
-    read_json,
     rouge_l_f1,
 )
 from blurctl.recipe import load_recipe
@@ -35,12 +35,12 @@ def target(embedded):
 
 def test_batched_greedy_equals_one_at_a_time(embedded, target):
     model, tok = target
-    corpus = embedded / "corpus"
-    icl = read_json(corpus, "knowmem/forget_qa_icl.json")
+    corpus = MuseCorpus(str(embedded / "corpus"))
+    icl = corpus.items("knowmem", "forget_qa_icl")
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in icl)
     prompts = [shots + f"Question: {q['question']}\nAnswer: "
-               for q in read_json(corpus, "knowmem/retain_qa.json")[:12]]
-    prompts += [v["prompt"] for v in read_json(corpus, "verbmem/forget.json")[:6]]
+               for q in corpus.items("knowmem", "retain_qa")[:12]]
+    prompts += [v["prompt"] for v in corpus.items("verbmem", "forget")[:6]]
     batched = generate(model, tok, prompts, 24, batch_size=9)
     single = generate(model, tok, prompts, 24, batch_size=1)
     assert batched == single

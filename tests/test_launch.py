@@ -172,17 +172,14 @@ def hub_standins(embedded, monkeypatch):
     return asked
 
 
-def test_muse_recipe_loads_hub_model_and_local_corpus(hub_standins, embedded, tmp_path, monkeypatch):
+def test_muse_recipe_loads_hub_model_and_hub_corpora(hub_standins, tmp_path):
     from blurctl.pipeline.job import run
 
-    raw = tmp_path / "data" / "news" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("forget.txt", "retain1.txt"):
-        (raw / name).write_text((embedded / "corpus" / "raw" / name).read_text())
-    monkeypatch.chdir(tmp_path)
     run(load_recipe(ROOT / "recipes" / "muse_news.yaml", [*LOCAL, f"output_dir={tmp_path / 'out'}"]))
     assert set(hub_standins["model"]) == set(hub_standins["config"]) == {"muse-bench/MUSE-News_target"}
     assert set(hub_standins["tokenizer"]) == {"meta-llama/Llama-2-7b-hf"}
+    assert set(hub_standins["dataset"]) == {("muse-bench/MUSE-News", "raw", "forget"),
+                                            ("muse-bench/MUSE-News", "raw", "retain1")}
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
 

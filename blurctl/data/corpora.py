@@ -1,4 +1,5 @@
-"""Corpora: read texts from files, folders or hub datasets, and cut them into token chunks."""
+"""Corpora: read texts from files, folders or datasets (saved, Hub ids, local copies of Hub
+dataset repositories), and cut them into token chunks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from blurctl.data.sources import resolve
+from blurctl.data.sources import is_dataset_repo, load_hub_dataset, one_line, resolve
 from blurctl.errors import InputError
 from blurctl.recipe import CorpusConfig, DataConfig
 
@@ -51,22 +52,22 @@ def _read_file(path: Path, field: str) -> list[str]:
     return _texts_from_records(records, field, str(path))
 
 
-def _read_hub_or_saved(cfg: CorpusConfig, path: str) -> list[str]:
+def _read_dataset(cfg: CorpusConfig, path: str, kind: str, field_name: str) -> list[str]:
+    """The texts of a saved ``datasets`` folder, a local dataset repository or a Hub id."""
     import datasets
 
     try:
-        if Path(path).is_dir():
+        if kind == "saved":
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[cfg.split]
         else:
-            ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
+            ds = load_hub_dataset(path, cfg.name, cfg.split)
     except Exception as exc:  # datasets raises many types; report them in one line
-        raise InputError(f"{path}: cannot load dataset ({exc.__class__.__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise InputError(f"{field_name}: {path}: cannot load dataset ({one_line(exc)})") from None
     if cfg.text_field not in ds.column_names:
-        raise InputError(f"{path}: no column {cfg.text_field!r} (columns: "
-                           f"{', '.join(ds.column_names)})")
+        raise InputError(f"{field_name}: {path}: no column {cfg.text_field!r} (columns: "
+                         f"{', '.join(ds.column_names)})")
     return list(ds[cfg.text_field])
 
 
@@ -75,24 +76,51 @@ def _looks_like_hub_id(path: str) -> bool:
             and path.count("/") <= 1)
 
 
+def source_kind(path: str) -> str:
+    """What a resolved corpus path is: 'file', 'folder' (of text files), 'saved' (a
+    ``save_to_disk`` folder), 'repo' (a local dataset repository), 'hub' (a Hub id),
+    'special' (exists, but neither file nor folder) or 'missing'."""
+    local = Path(path)
+    if local.is_file():
+        return "file"
+    if local.is_dir():
+        if any(local.glob("*.arrow")) or (local / "dataset_dict.json").exists():
+            return "saved"
+        return "repo" if is_dataset_repo(local) else "folder"
+    if local.exists():  # a FIFO would block forever
+        return "special"
+    return "hub" if _looks_like_hub_id(path) else "missing"
+
+
+def corpus_identity(cfg: CorpusConfig) -> tuple | None:
+    """What makes two corpora on this machine the same: the resolved file or folder, plus
+    the configuration and split for a dataset folder (None for a Hub id or a missing path)."""
+    path = resolve(cfg.path)
+    kind = source_kind(path)
+    if kind in ("hub", "missing"):
+        return None
+    real = Path(path).resolve()
+    return (real, cfg.name, cfg.split) if kind in ("saved", "repo") else (real,)
+
+
 def load_texts(cfg: CorpusConfig, field_name: str) -> list[str]:
     """The texts of one corpus; ``field_name`` (e.g. ``data.forget``) names it in errors."""
     path = resolve(cfg.path)
-    local = Path(path)
-    if local.exists() and not (local.is_file() or local.is_dir()):  # a FIFO would block forever
+    local, kind = Path(path), source_kind(path)
+    if kind == "special":
         raise InputError(f"{field_name}: {path}: not a regular file or folder")
-    if local.is_file():
+    if kind == "file":
         if local.suffix not in TEXT_SUFFIXES:
             raise InputError(f"{field_name}: {path}: unsupported file type (use "
-                               f"{', '.join(TEXT_SUFFIXES)}, a folder or a hub dataset id)")
+                             f"{', '.join(TEXT_SUFFIXES)}, a folder or a hub dataset id)")
         texts = _read_file(local, cfg.text_field)
-    elif local.is_dir() and not any(local.glob("*.arrow")) and not (local / "dataset_dict.json").exists():
+    elif kind == "folder":
         files = sorted(p for p in local.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"{field_name}: {path}: folder holds no .txt/.json/.jsonl files")
         texts = [t for f in files for t in _read_file(f, cfg.text_field)]
-    elif local.is_dir() or _looks_like_hub_id(path):
-        texts = _read_hub_or_saved(cfg, path)
+    elif kind in ("saved", "repo", "hub"):
+        texts = _read_dataset(cfg, path, kind, field_name)
     else:
         raise InputError(f"{field_name}: {path}: no such file, folder or hub dataset id")
     texts = [t for t in texts if t.strip()]
@@ -100,7 +128,7 @@ def load_texts(cfg: CorpusConfig, field_name: str) -> list[str]:
         texts = texts[: cfg.max_examples]
     if not texts:
         raise InputError(f"{field_name}: {path}: corpus is empty")
-    return texts
+    return [cfg.join.join(texts)] if cfg.join is not None else texts
 
 
 def chunk_texts(texts: list[str], tokenizer, max_len: int, first_only: bool = False) -> list[list[int]]:

@@ -10,45 +10,26 @@ per-example records that ``eval_examples.json`` keeps for recomputation.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from rouge_score import rouge_scorer
 
-from blurctl.errors import InputError
+from blurctl.data.muse_corpus import MuseCorpus
 from blurctl.models import token_logprobs
 from blurctl.progress import progress_bar
 
 MINK_FRACTION = 0.4
 KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
-# What evaluate_muse reads from a corpus in MUSE's layout (preflight checks them).
-MUSE_FILES = ("verbmem/forget.json", "knowmem/forget_qa.json", "knowmem/forget_qa_icl.json",
-              "knowmem/retain_qa.json", "knowmem/retain_qa_icl.json", "privleak/forget.json",
-              "privleak/holdout.json")
 
 
 @dataclass
 class MetricResult:
     score: float
     examples: list[dict] = field(default_factory=list)
-
-
-def read_json(root: Path, rel: str) -> list:
-    path = root / rel
-    if not path.is_file():
-        raise InputError(f"eval.muse.corpus: {path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, list) or not data:
-        raise InputError(f"{path}: expected a non-empty JSON list")
-    return data
 
 
 @functools.cache
@@ -208,39 +189,39 @@ def privleak(auc: float, retrained_auc: float) -> float:
     return (auc - retrained_auc) / retrained_auc * 100
 
 
-def membership_scores(model, tokenizer, corpus: Path, batch_size: int,
+def membership_scores(model, tokenizer, corpus: MuseCorpus, batch_size: int,
                       limit: int | None) -> tuple[list[float], list[float]]:
     """Min-K% scores of the privleak forget and holdout texts."""
-    forget = read_json(corpus, "privleak/forget.json")[:limit]
-    holdout = read_json(corpus, "privleak/holdout.json")[:limit]
+    forget = corpus.texts("privleak", "forget")[:limit]
+    holdout = corpus.texts("privleak", "holdout")[:limit]
     return (mink_scores(model, tokenizer, forget, batch_size),
             mink_scores(model, tokenizer, holdout, batch_size))
 
 
-def forget_auc(model, tokenizer, corpus: Path, batch_size: int, limit: int | None) -> float:
+def forget_auc(model, tokenizer, corpus: MuseCorpus, batch_size: int, limit: int | None) -> float:
     return membership_auc(*membership_scores(model, tokenizer, corpus, batch_size, limit))
 
 
-def privleak_records(corpus: Path, limit: int | None, forget: list[float],
+def privleak_records(corpus: MuseCorpus, limit: int | None, forget: list[float],
                      holdout: list[float]) -> dict[str, list[dict]]:
     """Per-text Min-K% scores of the privleak forget and holdout texts, with the texts."""
     return {split: [{"text": t, "mink": s} for t, s in zip(
-                read_json(corpus, f"privleak/{split}.json")[:limit], scores, strict=True)]
+                corpus.texts("privleak", split)[:limit], scores, strict=True)]
             for split, scores in (("forget", forget), ("holdout", holdout))}
 
 
-def evaluate_muse(model, tokenizer, corpus: Path, *, verbmem_tokens: int = 128,
+def evaluate_muse(model, tokenizer, corpus: MuseCorpus, *, verbmem_tokens: int = 128,
                   knowmem_tokens: int = 32, batch_size: int = 8, limit: int | None = None,
                   bootstrap: int = 0) -> tuple[dict, dict[str, list]]:
     """All MUSE metrics of ``model``: (scores with 95% intervals, per-example records)."""
     model.eval()
-    vm = verbmem(model, tokenizer, read_json(corpus, "verbmem/forget.json")[:limit],
+    vm = verbmem(model, tokenizer, corpus.items("verbmem", "forget")[:limit],
                  verbmem_tokens, batch_size)
-    kf = knowmem(model, tokenizer, read_json(corpus, "knowmem/forget_qa.json")[:limit],
-                 read_json(corpus, "knowmem/forget_qa_icl.json"), knowmem_tokens, batch_size,
+    kf = knowmem(model, tokenizer, corpus.items("knowmem", "forget_qa")[:limit],
+                 corpus.items("knowmem", "forget_qa_icl"), knowmem_tokens, batch_size,
                  "KnowMem_f")
-    kr = knowmem(model, tokenizer, read_json(corpus, "knowmem/retain_qa.json")[:limit],
-                 read_json(corpus, "knowmem/retain_qa_icl.json"), knowmem_tokens, batch_size,
+    kr = knowmem(model, tokenizer, corpus.items("knowmem", "retain_qa")[:limit],
+                 corpus.items("knowmem", "retain_qa_icl"), knowmem_tokens, batch_size,
                  "KnowMem_r")
     forget, holdout = membership_scores(model, tokenizer, corpus, batch_size, limit)
     scores = {"verbmem_f": vm.score, "knowmem_f": kf.score, "knowmem_r": kr.score,

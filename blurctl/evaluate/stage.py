@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from blurctl.data.sources import resolve
 from blurctl.recipe import Recipe
 from blurctl.rundir import RunDir
 
@@ -29,11 +28,12 @@ class _Scorer:
     """Scores one model at a time with what the recipe asks for."""
 
     def __init__(self, recipe: Recipe) -> None:
+        from blurctl.data.muse_corpus import MuseCorpus
         from blurctl.models import load_tokenizer
 
         self.recipe = recipe
         self.tokenizer = load_tokenizer(recipe.model)
-        self.corpus = Path(resolve(recipe.eval.muse.corpus)) if recipe.eval.muse else None
+        self.corpus = MuseCorpus(recipe.eval.muse.corpus) if recipe.eval.muse else None
 
     def __call__(self, path: str | None, muse: bool = True,
                  lm_eval: bool = True) -> tuple[dict, dict]:

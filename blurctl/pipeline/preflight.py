@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blurctl.data.sources import resolve
 from blurctl.errors import BlurctlError
 from blurctl.models import length_problems, load_config, model_skeleton, steering_problems
 from blurctl.recipe import Recipe
@@ -85,15 +84,11 @@ def _other_model_config(recipe: Recipe, path: str, field_name: str):
 
 def _eval_problems(recipe: Recipe, check) -> list[str]:
     """The evaluation's inputs, found before training rather than after it."""
-    from blurctl.evaluate.muse import MUSE_FILES
+    from blurctl.data.muse_corpus import MuseCorpus
 
     problems, muse = [], recipe.eval.muse
     if muse is not None:
-        corpus = Path(resolve(muse.corpus))
-        missing = [f for f in MUSE_FILES if not (corpus / f).is_file()]
-        if missing:
-            problems.append(f"eval.muse.corpus: {corpus}: missing {', '.join(missing)} "
-                            "(MUSE's layout)")
+        problems += MuseCorpus(muse.corpus).problems()
         if muse.retrained_model:
             check("eval.muse.retrained_model", lambda: _other_model_config(
                 recipe, muse.retrained_model, "eval.muse.retrained_model"))
@@ -112,7 +107,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     folder, the hardware, and the training memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
-    from blurctl.data.corpora import load_texts
+    from blurctl.data.corpora import corpus_identity, load_texts
     from blurctl.models import load_tokenizer
     from blurctl.pipeline.fingerprint import model_fingerprint, texts_fingerprint
 
@@ -131,20 +126,20 @@ def check_inputs(recipe: Recipe) -> Preflight:
                for i, c in enumerate(recipe.data.forget)]
     corpora += [(f"data.retain.{i}" if len(recipe.data.retain) > 1 else "data.retain", c)
                 for i, c in enumerate(recipe.data.retain or [])]
-    real = {}
+    real = {}  # local corpora by identity: file, or dataset folder + configuration + split
     for name, corpus in corpora:
         texts = check(name, lambda c=corpus, n=name: load_texts(c, n))
         if texts is not None:
             report.notes.append(f"{name} {corpus.path}: {len(texts)} texts")
             report.inputs[name] = texts_fingerprint(texts)
-        local = Path(resolve(corpus.path))
-        if local.exists():
-            real.setdefault(local.resolve(), []).append(name)
-    for names in real.values():
+        identity = corpus_identity(corpus)
+        if identity is not None:
+            real.setdefault(identity, []).append(name)
+    for identity, names in real.items():
         if any(n.startswith("data.forget") for n in names) and any(
                 n.startswith("data.retain") for n in names):
-            report.problems.append("data.retain: the same file as data.forget")
-    report.problems += _check_output_dir(recipe, list(real))
+            report.problems.append(f"data.retain: the same corpus as data.forget ({identity[0]})")
+    report.problems += _check_output_dir(recipe, [identity[0] for identity in real])
     report.problems += hardware_problems(recipe)
     report.problems += tracker_problems(recipe)
 

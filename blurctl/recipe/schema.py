@@ -35,12 +35,16 @@ class ModelConfig(Section):
 
 
 class CorpusConfig(Section):
-    """A text corpus: a .txt/.json/.jsonl file, a local folder, or a hub dataset id."""
+    """A text corpus: a .txt/.json/.jsonl file, a local folder, or a dataset in the Hub's
+    format (a Hub id, or a local copy of a dataset repository) read by configuration and split."""
 
     path: str
     text_field: str = "text"
     split: str = "train"
     name: str | None = Field(None, description="Hub dataset configuration name.")
+    join: str | None = Field(None, description="Join the texts into one document with this "
+                                               "separator before chunking (MUSE's raw/*.txt: "
+                                               "'\\n\\n').")
     max_examples: int | None = Field(None, gt=0)
     max_len: int | None = Field(None, gt=1, description="Tokens per chunk for this corpus "
                                                         "(default: data.max_len).")
@@ -49,6 +53,11 @@ class CorpusConfig(Section):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @property
+    def identity(self) -> tuple[str, str | None, str]:
+        """Two corpora are the same when path, configuration name and split are."""
+        return (self.path, self.name, self.split)
 
 
 def _as_list(value: Any) -> Any:
@@ -325,10 +334,11 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.steering is not None and not alg.uses_rmu:
         problems.append("steering: only the rmu losses use it, and neither algorithm loss is rmu; "
                         "remove the section or choose rmu")
-    forget_paths = {c.path for c in r.data.forget}
+    forget = {c.identity for c in r.data.forget}
     for i, c in enumerate(r.data.retain or []):
-        if c.path in forget_paths:
-            problems.append(f"data.retain.{i}: same corpus as data.forget ({c.path})")
+        if c.identity in forget:
+            problems.append(f"data.retain.{i}: same corpus as data.forget ({c.path}, name "
+                            f"{c.name}, split {c.split})")
     if r.train.precompute_reference:
         model_refs = [f"{loss.kind}_loss={loss.name!r}" for loss in alg.losses()
                       if loss.needs_reference and not loss.precomputable]
