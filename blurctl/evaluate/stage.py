@@ -25,18 +25,22 @@ def models_to_evaluate(recipe: Recipe, model_dir: str | None) -> dict[str, str |
 
 
 def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
-    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``."""
+    """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``.
+
+    Each model loads straight onto the evaluation device in its dtype (``eval_placement``).
+    """
     from blurctl.evaluate.harness import run_lm_eval
     from blurctl.evaluate.muse import evaluate_muse, forget_auc, privleak
-    from blurctl.models import load_model, load_tokenizer
+    from blurctl.models import eval_placement, load_model, load_tokenizer
 
     cfg, muse = recipe.eval, recipe.eval.muse
+    placement = eval_placement(recipe)
     tokenizer = load_tokenizer(recipe.model)
     corpus = Path(resolve(muse.corpus)) if muse else None
     results: dict[str, dict] = {}
     examples: dict[str, dict] = {}
     for name, path in models_to_evaluate(recipe, model_dir).items():
-        model = load_model(recipe.model, path=path)
+        model = load_model(recipe.model, path=path, placement=placement)
         scores: dict = {}
         if muse is not None:
             scores, examples[name] = evaluate_muse(
@@ -45,7 +49,8 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
                 knowmem_tokens=muse.knowmem_max_new_tokens, batch_size=muse.batch_size,
                 limit=muse.max_examples, bootstrap=cfg.bootstrap)
         if cfg.lm_eval is not None:
-            for task, res in run_lm_eval(model, tokenizer, cfg.lm_eval, recipe.seed).items():
+            for task, res in run_lm_eval(model, tokenizer, cfg.lm_eval, recipe.seed,
+                                         placement).items():
                 scores[f"acc:{task}"] = res["acc"]
                 scores[f"acc:{task}_stderr"] = res["acc_stderr"]
         results[name] = scores
@@ -58,7 +63,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
             retrained_auc = results["retrained"]["privleak_auc"]
         elif muse.retrained_model:
             model = load_model(recipe.model, path=muse.retrained_model,
-                               field_name="eval.muse.retrained_model")
+                               field_name="eval.muse.retrained_model", placement=placement)
             retrained_auc = forget_auc(model, tokenizer, corpus,
                                        muse.batch_size, muse.max_examples)
         if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf
