@@ -158,7 +158,8 @@ def pipeline(model_dir: Path, device: str, out: Path, tiny: bool) -> dict:
     eval_s = time.perf_counter() - start
     return {"run_3_steps_s": run_s, "eval_s": eval_s, "eval_device": placement.device,
             "eval_dtype": str(placement.dtype or "checkpoint's own").removeprefix("torch."),
-            "eval_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "eval_peak_gib": (torch.cuda.max_memory_allocated() / 2**30
+                              if device == "cuda" else None),
             "scores": results["models"]["unlearned"]}
 
 
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             "params": params, "dtype": "bfloat16", "gradient_checkpointing": True,
             "batch": batch, "length": length, "steps": steps, "variants": variants,
             "blur_over_penalty_time": variants["blur"]["step_ms"] / variants["penalty"]["step_ms"],
-            "blur_over_penalty_peak": (variants["blur"]["peak_gib"] / variants["penalty"]["peak_gib"]
-                                       if args.device == "cuda" else None),
+            "blur_over_penalty_peak": (
+                variants["blur"]["peak_gib"] / variants["penalty"]["peak_gib"]
+                if args.device == "cuda" else None),
             "pipeline": pipeline(model_dir, args.device, out, args.tiny),
         }
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -201,7 +203,8 @@ def print_report(r: dict) -> None:
         return "-" if x is None else f"{x:.2f}"
 
     print(f"{r['device']}: {r['params'] / 1e6:.1f}M-parameter Llama, bf16, gradient "
-          f"checkpointing, batch {r['batch']} x {r['length']} tokens, {r['steps']} steps x 2 blocks")
+          f"checkpointing, batch {r['batch']} x {r['length']} tokens, "
+          f"{r['steps']} steps x 2 blocks")
     print(f"{'combiner':<10}{'step ms':>10}{'peak GiB':>10}{'tokens/s':>12}")
     for v, row in r["variants"].items():
         print(f"{v:<10}{row['step_ms']:>10.1f}{gib(row['peak_gib']):>10}{row['tokens_per_s']:>12.0f}")

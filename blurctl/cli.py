@@ -103,7 +103,8 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
 def memory(recipe: RecipeArg, overrides: OverridesArg = None,
            gpu_gib: Annotated[float | None, typer.Option(
                "--gpu-gib", help="Memory of one GPU, in GiB, to check the estimate against "
-                                 "(default: this machine's GPU, else its free RAM).")] = None) -> None:
+                                 "(default: this machine's GPU, else its free RAM).")] = None,
+           ) -> None:
     """Print the training memory estimate per device from the model's config alone.
 
     Nothing heavy is read: no weights, no corpora (a Hub model's config.json only). When the

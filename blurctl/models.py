@@ -43,7 +43,7 @@ class Placement:
 
 
 def eval_placement(recipe: Recipe) -> Placement:
-    """The device and dtype evaluation loads models in (docs/method.md §5).
+    """The device and dtype evaluation loads models in (docs/method.md §9).
 
     Device: ``hardware.device``; ``auto`` is the GPU when one is visible, else the CPU.
     Dtype: ``model.dtype`` when set; when ``auto``, on a GPU the dtype of the training's
@@ -184,7 +184,7 @@ def prepare_for_training(model: torch.nn.Module, recipe: Recipe) -> None:
     select_trainable(model, recipe)
     if recipe.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # reentrant checkpoints lose frozen-input gradients
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers 5)
             model.activation_checkpointing_enable(kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from blurctl.cli import app
+from blurctl.models import prepare_for_training
 from blurctl.pipeline import memory
 from blurctl.recipe import load_recipe
 
@@ -54,8 +55,8 @@ def test_parts_follow_the_recipe(embedded):
     sgd = memory.estimate(load_recipe(DEMO, ["algorithm.forget_loss=ga", "train.optimizer=sgd"]),
                           shape)
     assert part(sgd, "optimizer") == 0
-    fsdp = memory.estimate(load_recipe(DEMO, ["algorithm.forget_loss=ga", "hardware.num_processes=2",
-                                              "hardware.strategy=fsdp"]), shape)
+    fsdp = memory.estimate(load_recipe(DEMO, ["algorithm.forget_loss=ga", "hardware.strategy=fsdp",
+                                              "hardware.num_processes=2"]), shape)
     for name in ("weights", "gradients", "optimizer"):
         assert part(fsdp, name) == pytest.approx(part(ga, name) / 2, abs=1)
     assert part(fsdp, "gathered layers") == 2 * shape.largest_layer * 4
@@ -106,11 +107,10 @@ def test_activation_formula_matches_autograds_saved_tensors_per_layer(dtype, att
                              num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=4, attn_implementation=attn)
         model = LlamaForCausalLM(config).to(getattr(torch, dtype)).train()
-        if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+        prepare_for_training(model, recipe)  # checkpointing as training enables it
         ids = torch.randint(3, 300, (batch_size, length))
-        measured[layers] = saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                               "labels": ids})
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        measured[layers] = saved_bytes(model, batch)
         width = 2 if dtype == "bfloat16" else 4
         estimated[layers] = memory.activation_bytes(recipe, shape_of(model, recipe), width)[0]
     per_layer = (measured[4] - measured[2]) / 2

@@ -90,7 +90,8 @@ def test_a_family_without_a_default_is_one_clear_error():
     recipe = load_recipe(DEMO, ["algorithm.forget_loss=rmu", "algorithm.retain_loss=rmu",
                                 "steering.layer=1", "steering.update_layers=[1]"])
     [problem] = steering_problems(recipe, config)
-    own = ", ".join(n for n, _ in decoder_layers(model_skeleton(config, recipe))[0].named_parameters())
+    layer = decoder_layers(model_skeleton(config, recipe))[0]
+    own = ", ".join(n for n, _ in layer.named_parameters())
     assert problem == ("steering.param_suffix: no default for model type 'mixtral'; name the "
                        f"parameter of a decoder layer to train (a layer's parameters: {own})")
 
@@ -151,27 +152,36 @@ def test_rmu_at_a_middle_layer_trains_the_familys_mlp_output(family_dirs, family
     assert len(decoder_layers(model)) == LAYERS
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_gradient_checkpointing_gives_the_same_gradients(family_dirs, family):
+@pytest.mark.parametrize("family, loss", [("llama", "ga"), ("gpt_neox", "ga"), ("opt", "rmu")])
+def test_gradient_checkpointing_gives_the_same_gradients(family_dirs, family, loss):
     """Checkpointing recomputes the same float operations: gradients agree to float32
-    rounding (the recomputed forward may pick other kernels' summation order)."""
-    from blurctl.unlearn.losses import nll
+    rounding (the recomputed forward may pick other kernels' summation order). With RMU
+    the loss reads a middle layer's output through a hook, which must still see it."""
+    from blurctl.unlearn.losses import LossContext, control_vector, nll, rmu_forget
 
     ids = torch.randint(3, 768, (2, 24), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    rmu = ["algorithm.retain_loss=rmu", "steering.layer=1", "steering.update_layers=[0,1]"]
     grads = {}
     for checkpointing in (False, True):
-        recipe = recipe_for(family_dirs[family], "algorithm.forget_loss=ga",
-                            f"train.gradient_checkpointing={str(checkpointing).lower()}")
+        recipe = recipe_for(family_dirs[family], f"algorithm.forget_loss={loss}",
+                            f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                            *(rmu if loss == "rmu" else []))
         model = load_model(recipe.model)
         prepare_for_training(model, recipe)
         model.train()
-        nll(model, batch).backward()
-        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters()}
+        if loss == "rmu":
+            ctx = LossContext(recipe.algorithm, recipe.steering, control_vector(32, 0), 5.0)
+            rmu_forget(model, None, batch, ctx).backward()
+        else:
+            nll(model, batch).backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert model.config.use_cache is not checkpointing
     assert any(m.gradient_checkpointing for m in model.modules()
                if hasattr(m, "gradient_checkpointing"))
+    assert grads[True].keys() == grads[False].keys()
     for name, g in grads[False].items():
+        assert g is not None and g.abs().max() > 0, name
         torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 

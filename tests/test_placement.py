@@ -1,5 +1,5 @@
 """Where evaluation runs: the device and dtype chosen from the recipe, models loaded straight
-there, and `blurctl eval` evaluating every model so placed."""
+there, and `blurctl eval` evaluating every model so placed; the attention kernel option."""
 
 import json
 
@@ -17,8 +17,10 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("gpu, overrides, expected", [
-    (True, ["hardware.device=auto", "hardware.mixed_precision=bf16"], Placement("cuda", torch.bfloat16)),
-    (True, ["hardware.device=cuda", "hardware.mixed_precision=fp16"], Placement("cuda", torch.float16)),
+    (True, ["hardware.device=auto", "hardware.mixed_precision=bf16"],
+     Placement("cuda", torch.bfloat16)),
+    (True, ["hardware.device=cuda", "hardware.mixed_precision=fp16"],
+     Placement("cuda", torch.float16)),
     (True, ["hardware.device=auto"], Placement("cuda", None)),  # the checkpoint's own dtype
     (True, ["hardware.device=auto", "hardware.mixed_precision=bf16", "model.dtype=float32"],
      Placement("cuda", torch.float32)),  # an explicit model.dtype wins
@@ -73,3 +75,22 @@ def test_eval_evaluates_every_model_where_the_placement_says(embedded, tmp_path,
     assert seen == [("cpu", torch.bfloat16)] * 2  # the base model, then the retrained one's AUC
     scores = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["base"]
     assert 0 <= scores["privleak_auc"] <= 1
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_attn_implementation_reaches_from_pretrained(embedded, kernel):
+    model = load_model(load_recipe(DEMO, [f"model.attn_implementation={kernel}"]).model)
+    assert model.config._attn_implementation == kernel
+
+
+def test_flash_attention_without_its_package_is_refused_by_preflight(embedded, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    result = runner.invoke(app, ["validate", "-q", str(DEMO), "--preflight",
+                                 "model.attn_implementation=flash_attention_2"])
+    assert result.exit_code == 2
+    assert ("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+            "not installed (pip install flash-attn; or use sdpa)") in result.stderr

@@ -188,9 +188,11 @@ def fitting_options(recipe: Recipe, shape: Shape, have: int, limit: int = 3) -> 
     if WIDTH.get(recipe.model.dtype, shape.dtype_width) == 4:
         single.append(["model.dtype=bfloat16"])
     if tr.batch_size > 1:
-        accum = [] if tr.global_batch_size else [f"train.grad_accum={tr.batch_size * tr.grad_accum}"]
+        same_batch = tr.batch_size * tr.grad_accum
+        accum = [] if tr.global_batch_size else [f"train.grad_accum={same_batch}"]
         single.append(["train.batch_size=1", *accum])
-    gpus = [recipe.hardware.num_processes] + [n for n in (2, 4, 8) if n > recipe.hardware.num_processes]
+    now = recipe.hardware.num_processes
+    gpus = [now] + [n for n in (2, 4, 8) if n > now]
     found: list[tuple[list[str], int, int]] = []  # changes, GPUs, bytes needed
     for size in range(len(single) + 1):
         for combo in itertools.combinations(single, size):
