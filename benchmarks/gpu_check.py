@@ -6,7 +6,8 @@ gradient checkpointing, then `blurctl run` on it and evaluation on the GPU.
 
 Prints, per combiner: step time, peak memory (torch.cuda.max_memory_allocated; none on
 CPU), tokens per second; the blur / penalty ratios; and for the pipeline: the time of a
-few `blurctl run` steps and of the evaluation, its device and dtype, and its peak memory.
+few `blurctl run` steps, the GPU memory still allocated after them, and the evaluation's
+time, device, dtype and peak memory.
 Everything is written to OUT/gpu_check.json as well.
 
 The steps are the loop's: NPO forget loss against a frozen copy, GDR retain loss, two
@@ -135,7 +136,8 @@ def time_steps(recipe, device: str, steps: int, batch: int, length: int) -> dict
 
 def pipeline(model_dir: Path, device: str, out: Path, tiny: bool) -> dict:
     """`blurctl run` for a few steps (training only), then evaluation of its model on
-    ``device``: times, where evaluation ran, its peak memory."""
+    ``device``: times, GPU memory still allocated after the run (its model and optimizer
+    should be gone), where evaluation ran, its peak memory."""
     from blurctl.evaluate.stage import evaluate
     from blurctl.models import eval_placement
     from blurctl.pipeline.job import run
@@ -148,15 +150,15 @@ def pipeline(model_dir: Path, device: str, out: Path, tiny: bool) -> dict:
     start = time.perf_counter()
     run(trained)
     run_s = time.perf_counter() - start
+    left = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     recipe = recipe_for(model_dir, device, out / "run", *steps, *evals)
     placement = eval_placement(recipe)
     if device == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     results = evaluate(recipe, str(out / "run" / "model"), out / "run")
     eval_s = time.perf_counter() - start
-    return {"run_3_steps_s": run_s, "eval_s": eval_s, "eval_device": placement.device,
+    return {"run_3_steps_s": run_s, "allocated_after_run_gib": left, "eval_s": eval_s, "eval_device": placement.device,
             "eval_dtype": str(placement.dtype or "checkpoint's own").removeprefix("torch."),
             "eval_peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                               if device == "cuda" else None),
@@ -212,8 +214,10 @@ def print_report(r: dict) -> None:
     print(f"blur / penalty: time {r['blur_over_penalty_time']:.3f}, peak memory "
           f"{'-' if peak is None else f'{peak:.3f}'}")
     p = r["pipeline"]
-    print(f"blurctl run, 3 steps: {p['run_3_steps_s']:.1f} s; evaluation on {p['eval_device']} "
-          f"({p['eval_dtype']}): {p['eval_s']:.1f} s, peak {gib(p['eval_peak_gib'])} GiB")
+    print(f"blurctl run, 3 steps: {p['run_3_steps_s']:.1f} s, "
+          f"{gib(p['allocated_after_run_gib'])} GiB still allocated after it; evaluation on "
+          f"{p['eval_device']} ({p['eval_dtype']}): {p['eval_s']:.1f} s, "
+          f"peak {gib(p['eval_peak_gib'])} GiB")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,24 @@ def test_flash_attention_without_its_package_is_refused_by_preflight(embedded, m
     assert result.exit_code == 2
     assert ("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
             "not installed (pip install flash-attn; or use sdpa)") in result.stderr
+
+
+def test_a_deleted_model_is_freed_before_the_next_one_loads(embedded):
+    """transformers models sit in reference cycles: ``del`` alone leaves the weights
+    allocated until the collector runs; ``release_memory`` (called between the models
+    evaluation loads, and after training) frees them at once."""
+    import gc
+    import weakref
+
+    from blurctl.models import release_memory
+
+    gc.disable()  # so that only release_memory can collect
+    try:
+        model = load_model(load_recipe(DEMO).model, placement=Placement("cpu", None))
+        alive = weakref.ref(model)
+        del model
+        assert alive() is not None
+        release_memory()
+        assert alive() is None
+    finally:
+        gc.enable()

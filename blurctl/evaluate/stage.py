@@ -31,7 +31,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
     """
     from blurctl.evaluate.harness import run_lm_eval
     from blurctl.evaluate.muse import evaluate_muse, forget_auc, privleak
-    from blurctl.models import eval_placement, load_model, load_tokenizer
+    from blurctl.models import eval_placement, load_model, load_tokenizer, release_memory
 
     cfg, muse = recipe.eval, recipe.eval.muse
     placement = eval_placement(recipe)
@@ -55,6 +55,7 @@ def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path) -> dict:
                 scores[f"acc:{task}_stderr"] = res["acc_stderr"]
         results[name] = scores
         del model
+        release_memory()  # before the next model loads onto the same device
 
     retrained_auc = None
     if muse is not None:

@@ -13,6 +13,7 @@ import yaml
 from blurctl import rundir
 from blurctl.errors import BlurctlError, InputError
 from blurctl.evaluate.stage import evaluate
+from blurctl.models import release_memory
 from blurctl.pipeline.envinfo import environment
 from blurctl.progress import is_main_process
 from blurctl.recipe import Recipe, recipe_yaml, validate_dict
@@ -89,6 +90,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         if main:
             prepare_run_dir(recipe, inputs, resume, overwrite)
         model_dir = unlearn(recipe, run_dir, resume)
+        release_memory()  # the trained model, before evaluation loads models onto the device
         if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
             return {}
         try:
