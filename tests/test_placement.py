@@ -69,6 +69,8 @@ def test_eval_evaluates_every_model_where_the_placement_says(embedded, tmp_path,
     monkeypatch.setattr(muse, "evaluate_muse", spy_muse)
     monkeypatch.setattr(muse, "forget_auc", spy_auc)
     result = runner.invoke(app, ["eval", str(DEMO), "eval.lm_eval=null", "eval.muse.max_examples=3",
+                                 "eval.muse.verbmem_max_new_tokens=8",
+                                 "eval.muse.knowmem_max_new_tokens=8",
                                  "eval.bootstrap=0", "eval.compare_base=false",
                                  "model.dtype=bfloat16", f"output_dir={tmp_path}"])
     assert result.exit_code == 0, result.output

@@ -157,8 +157,10 @@ def estimate(recipe: Recipe, shape: Shape) -> Estimate:
                           "16-bit copies of the trainable weights during the forward pass"))
     layers, logits = activation_bytes(recipe, shape, act_width)
     seq = f"{tr.batch_size} x {longest_chunk(recipe)} tokens"
-    how = ("layer inputs + one layer recomputed (gradient checkpointing)"
-           if tr.gradient_checkpointing else "every layer's (no gradient checkpointing)")
+    first = shape.first_trained_layer
+    kept = f"layers {first}-{shape.layers - 1}" if first else "every layer"
+    how = (f"{kept}: inputs + one layer recomputed (gradient checkpointing)"
+           if tr.gradient_checkpointing else f"{kept}, in full (no gradient checkpointing)")
     parts.append(Part("activations", layers, f"{seq}: {how}"))
     if logits:
         parts.append(Part("logits", logits, f"{seq} x {shape.vocab} vocabulary, float32 loss"))
