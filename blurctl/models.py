@@ -192,8 +192,8 @@ def prepare_for_training(model: torch.nn.Module, recipe: Recipe) -> None:
 
 
 def release_memory() -> None:
-    """Free the memory of models no longer referenced, now: a transformers model sits in
-    reference cycles, so ``del`` alone leaves its weights allocated until the garbage
+    """Free the memory of models no longer referenced, now: a transformers model can sit in
+    reference cycles, and then ``del`` alone leaves its weights allocated until the garbage
     collector runs; then hand the GPU's cached blocks back."""
     import gc
 

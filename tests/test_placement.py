@@ -99,9 +99,10 @@ def test_flash_attention_without_its_package_is_refused_by_preflight(embedded, m
 
 
 def test_a_deleted_model_is_freed_before_the_next_one_loads(embedded):
-    """transformers models sit in reference cycles: ``del`` alone leaves the weights
-    allocated until the collector runs; ``release_memory`` (called between the models
-    evaluation loads, and after training) frees them at once."""
+    """A transformers model can sit in reference cycles (a freshly loaded one does in a new
+    process), which ``del`` alone leaves allocated until the collector runs;
+    ``release_memory`` (called between the models evaluation loads, and after training)
+    frees it at once."""
     import gc
     import weakref
 
@@ -112,7 +113,6 @@ def test_a_deleted_model_is_freed_before_the_next_one_loads(embedded):
         model = load_model(load_recipe(DEMO).model, placement=Placement("cpu", None))
         alive = weakref.ref(model)
         del model
-        assert alive() is not None
         release_memory()
         assert alive() is None
     finally:
