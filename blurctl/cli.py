@@ -94,6 +94,49 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None,
     err.print(f"{recipe}: ok" + (" (preflight passed)" if preflight else ""))
 
 
+@app.command()
+def memory(recipe: RecipeArg, overrides: OverridesArg = None,
+           gpu_gib: Annotated[float | None, typer.Option(
+               "--gpu-gib", help="Memory of one GPU, in GiB, to check the estimate against "
+                                 "(default: this machine's GPU, else its free RAM).")] = None,
+           ) -> None:
+    """Print the training memory estimate per device from the model's config alone.
+
+    Nothing heavy is read: no weights, no corpora (a Hub model's config.json only). When the
+    estimate does not fit, it names the options that would make it fit.
+    Example: blurctl memory recipes/muse_news.yaml hardware.num_processes=1 --gpu-gib 79
+    """
+    from blurctl.pipeline.memory import (
+        GIB,
+        available_bytes,
+        estimate,
+        gib,
+        memory_problems,
+        recipe_shape,
+    )
+
+    resolved = _load(recipe, overrides)
+    try:
+        shape = recipe_shape(resolved)
+    except BlurctlError as exc:
+        _fail(exc)
+    result = estimate(resolved, shape)
+    table = Table(title=f"Training memory per device (estimate): {resolved.model.path}")
+    for column, justify in (("part", "left"), ("GiB", "right"), ("how it is counted", "left")):
+        table.add_column(column, justify=justify)
+    for row in result.table():
+        table.add_row(*row)
+    print_table(table)
+    if gpu_gib is not None:
+        have, where = int(gpu_gib * GIB), "one GPU (--gpu-gib)"
+    else:
+        have, where = available_bytes(resolved)
+    problems = memory_problems(resolved, shape, have, where)
+    out.print(problems[0] if problems else
+              f"fits: about {gib(result.total)} GiB of the {gib(have)} GiB in {where}",
+              markup=False)
+
+
 def _split_launcher_args(overrides: list[str] | None) -> tuple[list[str], list[str]]:
     """Overrides, and the launcher arguments the user put after ``--``.
 

@@ -1,10 +1,13 @@
 """Models: loading them and their tokenizers (hub ids, local folders, the embedded benchmark),
-checking a recipe against a model's config before any weights load, finding the decoder
-layers, and scoring tokens."""
+where evaluation runs, preparing a model for training, checking a recipe against a model's
+config before any weights load, finding the decoder layers and RMU's parameters, and scoring
+tokens."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +20,49 @@ if TYPE_CHECKING:  # the recipe's schema imports the loss registry, which import
     from blurctl.recipe import ModelConfig, Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The MLP output projection of a decoder layer, named within the layer, by config.model_type:
+# what RMU trains when steering.param_suffix is not given (WMDP trains Zephyr's
+# mlp.down_proj). tests/test_model_families.py checks every entry against transformers.
+MLP_OUTPUT = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "phi3", "olmo", "olmo2", "granite", "stablelm", "cohere"),
+                    "mlp.down_proj.weight"),
+    **dict.fromkeys(("gpt_neox", "falcon", "bloom"), "mlp.dense_4h_to_h.weight"),
+    **dict.fromkeys(("gpt2", "gpt_bigcode", "starcoder2"), "mlp.c_proj.weight"),
+    "opt": "fc2.weight",
+    "phi": "mlp.fc2.weight",
+    "gptj": "mlp.fc_out.weight",
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where models load for evaluation, and in which dtype (None: the checkpoint's own)."""
+
+    device: str
+    dtype: torch.dtype | None
+
+
+def eval_placement(recipe: Recipe) -> Placement:
+    """The device and dtype evaluation loads models in (docs/method.md §9).
+
+    Device: ``hardware.device``; ``auto`` is the GPU when one is visible, else the CPU.
+    Dtype: ``model.dtype`` when set; when ``auto``, on a GPU the dtype of the training's
+    mixed precision (bf16 → bfloat16, fp16 → float16), else the checkpoint's own dtype.
+    """
+    hw = recipe.hardware
+    gpu = torch.cuda.is_available()
+    if hw.device == "cuda" and not gpu:
+        raise InputError("hardware.device: 'cuda', but no GPU is visible here (evaluate on the "
+                         "CPU with hardware.device=cpu)")
+    device = "cuda" if hw.device == "cuda" or (hw.device == "auto" and gpu) else "cpu"
+    if recipe.model.dtype != "auto":
+        return Placement(device, DTYPES[recipe.model.dtype])
+    if device == "cuda" and hw.mixed_precision in MIXED_PRECISION:
+        return Placement(device, MIXED_PRECISION[hw.mixed_precision])
+    return Placement(device, None)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -36,20 +82,28 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None,
-               field_name: str = "model.path") -> torch.nn.Module:
+def load_model(cfg: ModelConfig, path: str | None = None, field_name: str = "model.path",
+               placement: Placement | None = None) -> torch.nn.Module:
     """The causal LM named by ``cfg`` (or by ``path`` when given, e.g. a checkpoint);
-    ``field_name`` names the recipe key in errors."""
+    ``field_name`` names the recipe key in errors. With ``placement`` the weights load
+    straight onto its device in its dtype; without, onto the CPU in ``model.dtype``."""
     from transformers import AutoModelForCausalLM
 
     source = resolve(path or cfg.path)
     if cfg.trust_remote_code:
         warnings.warn(f"model.trust_remote_code is on: code from {source!r} will run",
                       stacklevel=2)
+    options = {} if cfg.attn_implementation is None else {
+        "attn_implementation": cfg.attn_implementation}
+    if placement is not None:
+        options["device_map"] = placement.device
+        dtype = placement.dtype or "auto"
+    else:
+        dtype = DTYPES.get(cfg.dtype, "auto")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=None if path else cfg.revision,
-            dtype=DTYPES.get(cfg.dtype, "auto"), trust_remote_code=cfg.trust_remote_code)
+            source, revision=None if path else cfg.revision, dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code, **options)
     except Exception as exc:
         raise InputError(f"{field_name}: cannot load model from {source!r} "
                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
@@ -73,6 +127,84 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
                      "(it declares no _no_split_modules)")
 
 
+def layers_prefix(model: torch.nn.Module) -> str:
+    """The name of the decoder layers' list within ``model`` (``model.layers`` for Llama,
+    ``model.decoder.layers`` for OPT, ``gpt_neox.layers`` for GPT-NeoX)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def rmu_param_suffix(recipe: Recipe, config) -> str:
+    """The parameter RMU trains in each updated layer: ``steering.param_suffix``, else the
+    family's MLP output projection (``MLP_OUTPUT``); InputError for a family not listed."""
+    given = recipe.steering.param_suffix
+    if given is not None:
+        return given
+    suffix = MLP_OUTPUT.get(getattr(config, "model_type", None))
+    if suffix is None:
+        raise InputError(f"steering.param_suffix: no default for model type "
+                         f"{getattr(config, 'model_type', None)!r}; name the parameter of a "
+                         "decoder layer to train")
+    return suffix
+
+
+def rmu_parameter_names(model: torch.nn.Module, recipe: Recipe) -> list[str]:
+    """Full names of the parameters RMU trains: the ``rmu_param_suffix`` parameter of each
+    layer in ``steering.update_layers``, by index within ``decoder_layers``. InputError when
+    one is missing, listing the layer's parameter names."""
+    steer = recipe.steering
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    try:
+        suffix = rmu_param_suffix(recipe, model.config)
+    except InputError as exc:
+        own = ", ".join(n for n, _ in layers[0].named_parameters())
+        raise InputError(f"{exc} (a layer's parameters: {own})") from None
+    out_of_range = [i for i in steer.update_layers if i >= len(layers)]
+    if out_of_range:
+        raise InputError(f"steering.update_layers: layer {out_of_range[0]} out of range; the "
+                         f"model has {len(layers)} layers (0..{len(layers) - 1})")
+    missing = [i for i in steer.update_layers
+               if suffix not in dict(layers[i].named_parameters())]
+    if missing:
+        own = ", ".join(n for n, _ in layers[missing[0]].named_parameters())
+        raise InputError(f"steering.param_suffix: {suffix!r} names no parameter of layer(s) "
+                         f"{missing} (a layer's parameters: {own})")
+    return [f"{prefix}.{i}.{suffix}" for i in steer.update_layers]
+
+
+def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
+    """RMU trains only its chosen parameters (``rmu_parameter_names``); other methods all."""
+    if recipe.algorithm.uses_rmu:
+        chosen = set(rmu_parameter_names(model, recipe))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in chosen)
+
+
+def prepare_for_training(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Make a freshly loaded model ready for the loop: the trainable parameters, and
+    (``train.gradient_checkpointing``) non-reentrant activation checkpointing of every
+    decoder layer, with the key-value cache off (it has no use in training)."""
+    select_trainable(model, recipe)
+    if recipe.train.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}  # reentrant checkpoints lose frozen-input gradients
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers 5)
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+
+
+def release_memory() -> None:
+    """Free the memory of models no longer referenced, now: a transformers model can sit in
+    reference cycles, and then ``del`` alone leaves its weights allocated until the garbage
+    collector runs; then hand the GPU's cached blocks back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen, eval-mode copy of ``model`` to serve as the reference pi_ref."""
     import copy
@@ -83,32 +215,48 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_skeleton(config, recipe: Recipe):
-    """The model's modules with no weights allocated (meta device)."""
+    """The model's modules with no weights allocated (meta device), tied weights tied."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=recipe.model.trust_remote_code)
+    model.tie_weights()  # from_config leaves meta-device weights untied
+    return model
 
 
 def steering_problems(recipe: Recipe, config, skeleton=None) -> list[str]:
-    """RMU's layers must exist and ``param_suffix`` must name one parameter in each."""
+    """RMU's layers must exist and its parameter (``rmu_param_suffix``) in each updated one."""
     steer = recipe.steering
     if steer is None or not recipe.algorithm.uses_rmu:
         return []
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is not None:
-        for i in [steer.layer, *steer.update_layers]:
-            if i >= layers:
-                return [f"steering: layer {i} out of range; the model has {layers} layers "
-                        f"(0..{layers - 1})"]
     model = skeleton or model_skeleton(config, recipe)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [i for i, suffix in zip(steer.update_layers, steer.trained_suffixes, strict=True)
-               if not any(n.endswith(suffix) for n in names)]
-    if missing:
-        return [f"steering.param_suffix: {steer.param_suffix!r} names no parameter of layer(s) "
-                f"{missing}"]
+    layers = len(decoder_layers(model))
+    for i in [steer.layer, *steer.update_layers]:
+        if i >= layers:
+            return [f"steering: layer {i} out of range; the model has {layers} layers "
+                    f"(0..{layers - 1})"]
+    try:
+        rmu_parameter_names(model, recipe)
+    except InputError as exc:
+        return [str(exc)]
+    return []
+
+
+def attention_problems(recipe: Recipe) -> list[str]:
+    """``model.attn_implementation: flash_attention_2`` needs the flash-attn package, a GPU
+    and 16-bit weights or 16-bit mixed precision."""
+    if recipe.model.attn_implementation != "flash_attention_2":
+        return []
+    if importlib.util.find_spec("flash_attn") is None:
+        return ["model.attn_implementation: flash_attention_2 needs the flash-attn package, "
+                "which is not installed (pip install flash-attn; or use sdpa)"]
+    if recipe.hardware.device == "cpu" or not torch.cuda.is_available():
+        return ["model.attn_implementation: flash_attention_2 runs on a GPU only (use sdpa)"]
+    if recipe.model.dtype == "float32" and recipe.hardware.mixed_precision == "no":
+        return ["model.attn_implementation: flash_attention_2 computes in 16 bits; set "
+                "model.dtype to bfloat16 or hardware.mixed_precision to bf16"]
     return []
 
 

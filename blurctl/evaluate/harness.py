@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from blurctl.data.sources import resolve
 from blurctl.errors import InputError
 from blurctl.recipe import LmEvalConfig
+
+if TYPE_CHECKING:
+    from blurctl.models import Placement
 
 
 def task_manager(cfg: LmEvalConfig):
@@ -29,18 +33,23 @@ def task_manager(cfg: LmEvalConfig):
     return manager
 
 
-def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Accuracy (and its standard error) per task; ``model`` is a module or a checkpoint folder."""
+def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, seed: int = 0,
+                placement: Placement | None = None) -> dict[str, dict[str, float]]:
+    """Accuracy (and its standard error) per task; ``model`` is a module (evaluated where it
+    is) or a checkpoint folder (loaded by lm-eval as ``placement`` says; without one, on the
+    GPU when one is visible, in the checkpoint's dtype)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(cfg)
     if isinstance(model, str):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        where = {"device": placement.device if placement else default,
+                 "dtype": placement.dtype if placement and placement.dtype else "auto"}
     else:
-        device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
+        where = {"device": str(next(model.parameters()).device)}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, **where)
     out = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                           limit=cfg.limit, task_manager=manager, log_samples=False,
                           bootstrap_iters=cfg.bootstrap_iters, random_seed=seed,

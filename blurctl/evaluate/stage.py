@@ -29,9 +29,10 @@ class _Scorer:
 
     def __init__(self, recipe: Recipe) -> None:
         from blurctl.data.muse_corpus import MuseCorpus
-        from blurctl.models import load_tokenizer
+        from blurctl.models import eval_placement, load_tokenizer
 
         self.recipe = recipe
+        self.placement = eval_placement(recipe)  # the device and dtype models load in
         self.tokenizer = load_tokenizer(recipe.model)
         self.corpus = MuseCorpus(recipe.eval.muse.corpus) if recipe.eval.muse else None
 
@@ -40,10 +41,10 @@ class _Scorer:
         """(scores, per-example records) of the model at ``path`` (None: the base model)."""
         from blurctl.evaluate.harness import run_lm_eval
         from blurctl.evaluate.muse import evaluate_muse
-        from blurctl.models import load_model
+        from blurctl.models import load_model, release_memory
 
         cfg, m = self.recipe.eval, self.recipe.eval.muse
-        model = load_model(self.recipe.model, path=path)
+        model = load_model(self.recipe.model, path=path, placement=self.placement)
         scores, examples = {}, {}
         if m is not None and muse:
             scores, examples = evaluate_muse(
@@ -51,9 +52,12 @@ class _Scorer:
                 knowmem_tokens=m.knowmem_max_new_tokens, batch_size=m.batch_size,
                 limit=m.max_examples, bootstrap=cfg.bootstrap)
         if cfg.lm_eval is not None and lm_eval:
-            for task, res in run_lm_eval(model, self.tokenizer, cfg.lm_eval, self.recipe.seed).items():
+            for task, res in run_lm_eval(model, self.tokenizer, cfg.lm_eval, self.recipe.seed,
+                                         self.placement).items():
                 scores[f"acc:{task}"] = res["acc"]
                 scores[f"acc:{task}_stderr"] = res["acc_stderr"]
+        del model
+        release_memory()  # before the next model loads onto the same device
         return scores, examples
 
 
@@ -102,6 +106,7 @@ def _reusable(recipe: Recipe, earlier: Path | None) -> tuple[dict, dict]:
 def evaluate(recipe: Recipe, model_dir: str | None, out_dir: Path,
              reuse_from: Path | None = None) -> dict:
     """Evaluate and write ``results.json`` and ``eval_examples.json`` into ``out_dir``.
+    Each model loads straight onto the evaluation device in its dtype (``eval_placement``).
 
     ``reuse_from``: a run folder whose base and retrained scores are taken over when it was
     evaluated the same way (a sweep evaluates them once)."""
@@ -159,7 +164,7 @@ def _add_privleak(recipe: Recipe, score: _Scorer, out: dict) -> float | None:
         retrained_auc = results["retrained"]["privleak_auc"]
     elif muse.retrained_model:
         model = load_model(recipe.model, path=muse.retrained_model,
-                           field_name="eval.muse.retrained_model")
+                           field_name="eval.muse.retrained_model", placement=score.placement)
         retrained_auc = forget_auc(model, score.tokenizer, score.corpus, muse.batch_size,
                                    muse.max_examples)
     if retrained_auc == 0:  # PrivLeak divides by it; MUSE would print inf

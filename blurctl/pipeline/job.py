@@ -86,6 +86,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         trainer = Unlearner(recipe, run_dir)
         try:
             model_dir = trainer.train(resume)
+            trainer.release()  # the trained model, before evaluation loads models onto the device
             if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
                 return {}
             results = _evaluate(recipe, model_dir, run_dir, reuse_from)

@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blurctl.errors import BlurctlError
-from blurctl.models import length_problems, load_config, model_skeleton, steering_problems
+from blurctl.models import (
+    attention_problems,
+    length_problems,
+    load_config,
+    model_skeleton,
+    steering_problems,
+)
+from blurctl.pipeline.memory import available_bytes, estimate, gib, memory_problems, model_shape
 from blurctl.recipe import Recipe
 from blurctl.unlearn.tracking import tracker_problems
-
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 
 
 @dataclass
@@ -24,38 +29,6 @@ class Preflight:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> content fingerprint
-
-
-def estimate_training_bytes(n_params: int, recipe: Recipe, trainable: int | None = None) -> int:
-    """Weights + gradient + the set-aside gradient + AdamW's two fp32 moments (+ reference)."""
-    width = BYTES[recipe.model.dtype]
-    trainable = n_params if trainable is None else trainable
-    total = n_params * width + 2 * trainable * width
-    total += trainable * (8 if recipe.train.optimizer == "adamw" else 0)
-    if recipe.algorithm.reference_losses:
-        total += n_params * width
-    return total
-
-
-def available_bytes(recipe: Recipe) -> tuple[int, str]:
-    """Memory the run may use: all GPUs it asks for, or this machine's free RAM."""
-    import psutil
-    import torch
-
-    if recipe.hardware.device != "cpu" and torch.cuda.is_available():
-        per_gpu = min(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count()))
-        shards = recipe.hardware.world_size
-        usable = per_gpu * (shards if recipe.hardware.strategy == "fsdp" else 1)
-        return usable, f"{shards} GPU(s) of {per_gpu / 2**30:.0f} GiB ({recipe.hardware.strategy})"
-    return psutil.virtual_memory().available, "free RAM"
-
-
-def _count_params(model, recipe: Recipe) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    steer = recipe.steering
-    if steer and recipe.algorithm.uses_rmu:
-        return total, sum(p.numel() for n, p in model.named_parameters() if steer.trains(n))
-    return total, total
 
 
 def _check_output_dir(recipe: Recipe, corpora: list[Path]) -> list[str]:
@@ -140,7 +113,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
                 n.startswith("data.retain") for n in names):
             report.problems.append(f"data.retain: the same corpus as data.forget ({identity[0]})")
     report.problems += _check_output_dir(recipe, [identity[0] for identity in real])
-    report.problems += hardware_problems(recipe)
+    report.problems += hardware_problems(recipe) + attention_problems(recipe)
     report.problems += tracker_problems(recipe)
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
@@ -156,15 +129,15 @@ def check_inputs(recipe: Recipe) -> Preflight:
     skeleton = check("model.path", lambda: model_skeleton(config, recipe))
     if skeleton is None:
         return report
-    report.problems += steering_problems(recipe, config, skeleton)
-    counted = _count_params(skeleton, recipe)
-    if counted:
-        need = estimate_training_bytes(counted[0], recipe, counted[1])
+    steering = steering_problems(recipe, config, skeleton)
+    report.problems += steering
+    if not steering:
+        shape = model_shape(skeleton, recipe)
         have, where = available_bytes(recipe)
-        report.notes.append(f"memory: about {need / 2**30:.2f} GiB needed, {have / 2**30:.1f} GiB in {where}")
-        if need > have:
-            report.problems.append(f"hardware: training needs about {need / 2**30:.1f} GiB but "
-                                   f"{where} offers {have / 2**30:.1f} GiB")
+        need = estimate(recipe, shape).total
+        report.notes.append(f"memory: about {gib(need)} GiB needed per device, {gib(have)} GiB "
+                            f"in {where} (the table: blurctl memory RECIPE)")
+        report.problems += memory_problems(recipe, shape, have, where)
     return report
 
 

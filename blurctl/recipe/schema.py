@@ -30,6 +30,9 @@ class ModelConfig(Section):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel passed to from_pretrained (null: transformers' choice); "
+                          "flash_attention_2 needs the flash-attn package and a GPU.")
     reference: str = Field("copy", description="Frozen reference for npo/klr/rmu-retain: 'copy' "
                                                "(of the model), a model path, or 'none'.")
 
@@ -131,17 +134,11 @@ class SteeringConfig(Section):
     coeff: float | list[float] = Field(
         6.5, description="Steering coefficient c (one per forget corpus, or one for all).")
     update_layers: list[Layer] = Field(default_factory=lambda: [5, 6, 7], min_length=1)
-    param_suffix: str = Field("mlp.down_proj.weight",
-                              description="Which parameter of each updated layer trains.")
+    param_suffix: str | None = Field(
+        None, description="Which parameter of each updated layer trains, named within the layer "
+                          "(null: the MLP output projection of the model's family, e.g. "
+                          "mlp.down_proj.weight for Llama and Mistral, fc2.weight for OPT).")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the random control vector u.")
-
-    @property
-    def trained_suffixes(self) -> list[str]:
-        """Name endings of the parameters RMU trains, one per updated layer."""
-        return [f"layers.{i}.{self.param_suffix}" for i in self.update_layers]
-
-    def trains(self, name: str) -> bool:
-        return name.endswith(tuple(self.trained_suffixes))
 
 
 # accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps them equal)
@@ -173,6 +170,9 @@ class TrainConfig(Section):
     offload_forget_grad: bool = Field(
         False, description="Keep the set-aside forget gradient in CPU memory during the retain "
                            "pass (saves one gradient buffer on the accelerator at its peak).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass "
+                           "instead of keeping them: less memory, about a third more compute.")
     save_every_epoch: bool = Field(False, description="Save the model after every epoch in "
                                                       "epochs/epoch-N (loadable, never pruned).")
     report_to: list[Tracker] = Field(default_factory=list, description=(

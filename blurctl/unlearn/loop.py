@@ -22,7 +22,14 @@ import torch
 
 from blurctl.data.corpora import collate, corpus_chunks
 from blurctl.errors import BlurctlError
-from blurctl.models import check_model_config, frozen_copy, load_model, load_tokenizer
+from blurctl.models import (
+    check_model_config,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    prepare_for_training,
+    release_memory,
+)
 from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, grad_accum, per_corpus
 from blurctl.rundir import RunDir
@@ -104,9 +111,7 @@ class Unlearner:
         it, the starting weights where the method rewrites the final ones, the losses."""
         recipe, alg, steering = self.recipe, self.recipe.algorithm, self.recipe.steering
         self.model = load_model(recipe.model)
-        if alg.uses_rmu:
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(steering.trains(name))
+        prepare_for_training(self.model, recipe)  # RMU's parameters, gradient checkpointing
         self.reference = None
         if alg.reference_losses and not recipe.train.precompute_reference:
             self.reference = frozen_copy(self.model if recipe.model.reference == "copy" else
@@ -297,6 +302,14 @@ class Unlearner:
             if log is not None:
                 log.close()
         return self.finish()
+
+    def release(self) -> None:
+        """Drop the model, reference and optimizer and free their memory now (the trackers
+        stay open)."""
+        self.model = self.reference = self.optimizer = self.scheduler = None
+        self.params, self.start_state = [], None
+        self.accelerator.free_memory()
+        release_memory()
 
     @property
     def description(self) -> str:
