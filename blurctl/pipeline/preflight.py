@@ -15,6 +15,8 @@ from blurctl.data.sources import resolve
 from blurctl.errors import BlurctlError
 from blurctl.models import length_problems, load_config, model_skeleton, steering_problems
 from blurctl.recipe import Recipe
+from blurctl.unlearn.lora import adapter_problems
+from blurctl.unlearn.optim import optimizer_problems
 from blurctl.unlearn.tracking import tracker_problems
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
@@ -108,7 +110,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     """Every problem with the recipe's inputs, found without loading weights.
 
     Corpora (read, not empty), tokenizer, model and reference configs, RMU layers and
-    sequence length, the evaluation's corpus, models and lm-eval tasks, the output
+    sequence length, the LoRA layers, the optimizer's package and GPU, the evaluation's corpus, models and lm-eval tasks, the output
     folder, the hardware, and the training memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
@@ -147,6 +149,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     report.problems += _check_output_dir(recipe, list(real))
     report.problems += hardware_problems(recipe)
     report.problems += tracker_problems(recipe)
+    report.problems += optimizer_problems(recipe)
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
@@ -162,6 +165,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     if skeleton is None:
         return report
     report.problems += steering_problems(recipe, config, skeleton)
+    report.problems += adapter_problems(recipe, config)
     counted = _count_params(skeleton, recipe)
     if counted:
         need = estimate_training_bytes(counted[0], recipe, counted[1])
