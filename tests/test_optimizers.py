@@ -74,15 +74,15 @@ def test_8bit_optimizers_are_refused_without_bitsandbytes_or_a_gpu(name, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda mod, *a: None if mod == "bitsandbytes" else real(mod, *a))
     assert optim.optimizer_problems(recipe) == [
-        f"train.optimizer: {name!r} needs bitsandbytes, which is not installed "
-        "(pip install 'blurctl[bnb]')"]
+        (f"train.optimizer: {name!r} needs bitsandbytes, which is not installed "
+         "(pip install 'blurctl[bnb]')")]
     # installed, but no GPU
     monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert optim.optimizer_problems(load_recipe(DEMO, [f"train.optimizer={name}",
                                                        "hardware.device=auto"])) == [
-        f"train.optimizer: {name!r} runs on a GPU only, and no GPU is visible here; use adamw "
-        "or adafactor"]
+        (f"train.optimizer: {name!r} runs on a GPU only, and no GPU is visible here; use adamw "
+         "or adafactor")]
     assert "hardware.device is cpu" in optim.optimizer_problems(recipe)[0]  # the demo's device
 
 

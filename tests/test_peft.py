@@ -19,8 +19,8 @@ from blurctl.pipeline.job import run
 from blurctl.recipe import RecipeError, load_recipe
 from blurctl.unlearn import lora
 from blurctl.unlearn.checkpoint import checkpoint_dirs
-from blurctl.unlearn.losses import hidden_at, npo, sequence_logprob
 from blurctl.unlearn.loop import Unlearner
+from blurctl.unlearn.losses import hidden_at, npo, sequence_logprob
 
 R, ALPHA = 4, 8.0
 LORA = [f"peft.r={R}", f"peft.alpha={ALPHA}"]
@@ -177,7 +177,8 @@ def test_publish_uploads_the_merged_model_or_the_adapter(lora_run):
             "recipe.yaml", "results.json"} <= files
     assert not {"model.safetensors", "config.json"} & files
     assert card["base_model"] == "muse-bench/MUSE-News_target" and card["library_name"] == "peft"
-    assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("muse-bench/' in card["text"]
+    assert ('PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("muse-bench/'
+            in card["text"])
 
 
 def test_checkpoints_hold_the_adapters_and_resume_exactly(embedded, tmp_path):
@@ -231,7 +232,8 @@ def test_task_vector_with_lora_negates_the_adapter(embedded, tmp_path):
                            "algorithm.retain_loss=null", "data.retain=null",
                            "algorithm.task_vector_scale=2.0", "train.lr=0.01")
     unlearner.step(0)
-    tuned = {k: v.detach().clone() for k, v in unlearner.model.state_dict().items() if ".lora_" in k}
+    tuned = {k: v.detach().clone() for k, v in unlearner.model.state_dict().items()
+             if ".lora_" in k}
     merged = load_file(unlearner.finish() / "model.safetensors")
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     base = load_file(embedded / "target" / "model.safetensors")
@@ -248,10 +250,10 @@ def test_task_vector_with_lora_negates_the_adapter(embedded, tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["hardware.strategy=fsdp"], "peft: LoRA with hardware.strategy fsdp is not supported"),
-    ([*RMU, "peft.target_modules=[q_proj]"], "peft.target_modules: with the rmu losses the "
-                                             "adapters go on steering.param_suffix's module"),
-    ([*RMU, "steering.param_suffix=mlp.down_proj"], "steering.param_suffix: with peft it must "
-                                                     "name a weight"),
+    ([*RMU, "peft.target_modules=[q_proj]"], ("peft.target_modules: with the rmu losses the "
+                                              "adapters go on steering.param_suffix's module")),
+    ([*RMU, "steering.param_suffix=mlp.down_proj"], ("steering.param_suffix: with peft it must "
+                                                      "name a weight")),
 ])
 def test_unsupported_combinations_are_refused_by_the_recipe(overrides, message):
     with pytest.raises(RecipeError, match=message):
@@ -261,15 +263,16 @@ def test_unsupported_combinations_are_refused_by_the_recipe(overrides, message):
 def test_preflight_names_missing_layers_and_a_missing_peft(embedded, monkeypatch):
     report = preflight.check_inputs(load_recipe(DEMO, [*LORA, "peft.target_modules=[qq_proj]"]))
     assert [p for p in report.problems if p.startswith("peft")] == [
-        "peft.target_modules: Target modules {'qq_proj'} not found in the base model. Please "
-        "check the target modules and try again."]
+        ("peft.target_modules: Target modules {'qq_proj'} not found in the base model. Please "
+         "check the target modules and try again.")]
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "peft" else real(name, *a))
     report = preflight.check_inputs(load_recipe(DEMO, LORA))
-    assert "peft: the peft library is not installed (pip install 'blurctl[peft]')" in report.problems
+    missing = "peft: the peft library is not installed (pip install 'blurctl[peft]')"
+    assert missing in report.problems
 
 
 def test_run_refuses_an_unknown_layer_before_writing(embedded, tmp_path):
@@ -283,7 +286,7 @@ def test_run_refuses_an_unknown_layer_before_writing(embedded, tmp_path):
 def test_resume_refuses_adapters_that_do_not_match(embedded, tmp_path):
     every = ["train.max_steps=2", "train.save_every=1", *FAST, f"output_dir={tmp_path}"]
     run(load_recipe(DEMO, every))
-    (step, path), = checkpoint_dirs(tmp_path)
+    ((_, path),) = checkpoint_dirs(tmp_path)
     state = load_file(path / "model.safetensors")
     from safetensors.torch import save_file
 
@@ -293,3 +296,16 @@ def test_resume_refuses_adapters_that_do_not_match(embedded, tmp_path):
     with pytest.raises(BlurctlError, match="checkpoint does not match the model .adapter entries "
                                            "differ"):
         run(load_recipe(DEMO, every), resume=True)
+
+
+def test_adapter_folders_sit_beside_their_models(tmp_path):
+    from blurctl.rundir import RunDir, earlier_run
+
+    run_dir = RunDir(tmp_path)
+    assert run_dir.adapter_of(run_dir.model) == tmp_path / "adapter"
+    assert run_dir.adapter_of(run_dir.epoch(3)) == tmp_path / "epochs" / "epoch-3-adapter"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / ".adapter.tmp").mkdir()
+    assert earlier_run(tmp_path) == ["adapter"]
+    run_dir.clear()  # --overwrite
+    assert list(tmp_path.iterdir()) == []

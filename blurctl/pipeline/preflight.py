@@ -110,8 +110,9 @@ def check_inputs(recipe: Recipe) -> Preflight:
     """Every problem with the recipe's inputs, found without loading weights.
 
     Corpora (read, not empty), tokenizer, model and reference configs, RMU layers and
-    sequence length, the LoRA layers, the optimizer's package and GPU, the evaluation's corpus, models and lm-eval tasks, the output
-    folder, the hardware, and the training memory estimate against it. Also
+    sequence length, the LoRA layers, the optimizer's package and GPU, the evaluation's
+    corpus, models and lm-eval tasks, the output folder, the hardware, and the training
+    memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
     from blurctl.data.corpora import load_texts

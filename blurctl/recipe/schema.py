@@ -384,8 +384,8 @@ def _peft_and_optimizer_problems(r: Recipe) -> list[str]:
     if r.peft is None:
         return problems
     if fsdp:
-        problems.append("peft: LoRA with hardware.strategy fsdp is not supported (the adapters "
-                        "are a small fraction of the model; use ddp)")
+        problems.append("peft: LoRA with hardware.strategy fsdp is not supported (sharding the "
+                        "base beneath the adapters is not implemented); use ddp")
     method = METHODS.get(r.algorithm.combiner)
     if method is not None and method.finish is not None and method.finish_adapter is None:
         problems.append(f"peft: the {method.name} method rewrites the final weights and has no "
@@ -396,8 +396,8 @@ def _peft_and_optimizer_problems(r: Recipe) -> list[str]:
                             "steering.param_suffix's module in steering.update_layers; leave "
                             "target_modules unset")
         if not r.steering.param_suffix.endswith(".weight"):
-            problems.append(f"steering.param_suffix: with peft it must name a weight "
-                            f"('....weight', got {r.steering.param_suffix!r}): LoRA adapts the "
+            problems.append(f"steering.param_suffix: with peft it must name a weight (ending "
+                            f"in '.weight', got {r.steering.param_suffix!r}): LoRA adapts the "
                             "module that holds it")
     return problems
 

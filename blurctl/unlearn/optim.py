@@ -62,14 +62,14 @@ def optimizer_problems(recipe: Recipe) -> list[str]:
     if name not in BNB_OPTIMIZERS:
         return []
     if importlib.util.find_spec("bitsandbytes") is None:
-        return [f"train.optimizer: {name!r} needs bitsandbytes, which is not installed "
-                "(pip install 'blurctl[bnb]')"]
-    if recipe.hardware.device == "cpu" or not torch.cuda.is_available():
+        problem = "needs bitsandbytes, which is not installed (pip install 'blurctl[bnb]')"
+    elif recipe.hardware.device == "cpu" or not torch.cuda.is_available():
         where = ("hardware.device is cpu" if recipe.hardware.device == "cpu"
                  else "no GPU is visible here")
-        return [f"train.optimizer: {name!r} runs on a GPU only, and {where}; use adamw or "
-                "adafactor"]
-    return []
+        problem = f"runs on a GPU only, and {where}; use adamw or adafactor"
+    else:
+        return []
+    return [f"train.optimizer: {name!r} {problem}"]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe, total_steps: int):
