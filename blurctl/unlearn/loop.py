@@ -49,8 +49,8 @@ class Unlearner:
                                        mixed_precision=hw.mixed_precision,
                                        log_with=recipe.train.report_to or None,
                                        project_dir=self.run_dir.tracking)
-        self.lora = recipe.peft is not None  # LoRA adapters (peft); their states alone are saved
-        self.strategy = (lora.AdapterStates(self.accelerator) if self.lora
+        self.uses_lora = recipe.peft is not None  # LoRA (peft): the adapters' states are saved
+        self.strategy = (lora.AdapterStates(self.accelerator) if self.uses_lora
                          else make_strategy(self.accelerator, hw.strategy))
         self.method = METHODS.get(recipe.algorithm.combiner)
         self.accum = grad_accum(recipe)
@@ -101,20 +101,20 @@ class Unlearner:
         the losses."""
         recipe, alg, steering = self.recipe, self.recipe.algorithm, self.recipe.steering
         self.model = load_model(recipe.model)
-        if self.lora:
+        if self.uses_lora:
             self.model = lora.wrap(self.model, recipe)
         elif alg.uses_rmu:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(steering.trains(name))
         self.reference = None
-        if alg.reference_losses and self.lora and recipe.model.reference == "copy":
+        if alg.reference_losses and self.uses_lora and recipe.model.reference == "copy":
             self.reference = lora.AdaptersDisabled(self.model)  # the base model, no copy
         elif alg.reference_losses:
             self.reference = frozen_copy(self.model if recipe.model.reference == "copy" else
                                          load_model(recipe.model, path=recipe.model.reference,
                                                     field_name="model.reference"))
         self.start_state = None
-        if self.method is not None and self.method.finish is not None and not self.lora:
+        if self.method is not None and self.method.finish is not None and not self.uses_lora:
             self.start_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.contexts = [LossContext(alg, steering,
                                      control_vector(self.model.config.hidden_size, steering.seed + c)
@@ -200,10 +200,11 @@ class Unlearner:
 
     def save_checkpoint(self, step: int) -> Path:
         """Checkpoint after ``step`` optimizer steps (every rank takes part); it also holds
-        the model's config and tokenizer, so ``blurctl eval --model`` can load it."""
+        the model's config (LoRA: the adapter in peft's layout) and tokenizer, so
+        ``blurctl eval --model`` can load it."""
         def describe(folder: Path) -> None:
             model = self.accelerator.unwrap_model(self.model)
-            if self.lora:  # loadable as base + adapter
+            if self.uses_lora:  # loadable as base + adapter
                 lora.describe(model, folder)
             else:
                 model.config.save_pretrained(folder)
@@ -223,7 +224,7 @@ class Unlearner:
         state = self.strategy.model_state(self.model)
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
-            if self.lora:
+            if self.uses_lora:
                 if self.method is not None and self.method.finish_adapter is not None:
                     state = self.method.finish_adapter(state, self.recipe.algorithm)
                 model, state = lora.save(model, state, self.run_dir.adapter_of(target),
