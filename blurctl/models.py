@@ -182,9 +182,14 @@ def select_trainable(model: torch.nn.Module, recipe: Recipe) -> None:
 
 def prepare_for_training(model: torch.nn.Module, recipe: Recipe) -> None:
     """Make a freshly loaded model ready for the loop: the trainable parameters, and
-    (``train.gradient_checkpointing``) non-reentrant activation checkpointing of every
-    decoder layer, with the key-value cache off (it has no use in training)."""
+    gradient checkpointing where the recipe asks for it."""
     select_trainable(model, recipe)
+    enable_gradient_checkpointing(model, recipe)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, recipe: Recipe) -> None:
+    """``train.gradient_checkpointing``: transformers' non-reentrant activation checkpointing
+    of every decoder layer, with the key-value cache off (it has no use in training)."""
     if recipe.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # reentrant checkpoints lose frozen-input gradients
         if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers 5)

@@ -27,6 +27,7 @@ ENVIRONMENT = "environment.json"
 INPUTS = "inputs.json"
 LOG = "train_log.jsonl"
 MODEL = "model"
+ADAPTER = "adapter"  # LoRA runs: the adapter beside the merged model
 CHECKPOINTS = "checkpoints"
 EPOCHS = "epochs"
 REFERENCE_LOGPS = "reference_logps.pt"  # train.precompute_reference's log pi_ref per chunk
@@ -36,8 +37,8 @@ EXAMPLES = "eval_examples.json"
 LOCK = ".blurctl.lock"
 # What an earlier run leaves; a new run into a folder holding any of them needs
 # --resume (continue it) or --overwrite (replace it).
-RUN_OUTPUTS = (RECIPE, LOG, MODEL, CHECKPOINTS, EPOCHS, RESULTS, EXAMPLES, INPUTS, ENVIRONMENT,
-               TRACKING, REFERENCE_LOGPS)
+RUN_OUTPUTS = (RECIPE, LOG, MODEL, ADAPTER, CHECKPOINTS, EPOCHS, RESULTS, EXAMPLES, INPUTS,
+               ENVIRONMENT, TRACKING, REFERENCE_LOGPS)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,7 +83,7 @@ def earlier_run(run_dir: Path) -> list[str]:
 
 def clear(run_dir: Path) -> None:
     """Remove an earlier run's outputs (``--overwrite``); other files stay."""
-    for name in (*RUN_OUTPUTS, f".{MODEL}.tmp", f".{MODEL}.old"):
+    for name in (*RUN_OUTPUTS, *(f".{n}.{s}" for n in (MODEL, ADAPTER) for s in ("tmp", "old"))):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -117,8 +118,9 @@ class RunDir:
     """A run folder: where each output lives and how it is read and written.
 
     Files: ``recipe.yaml`` (the resolved recipe), ``environment.json``, ``inputs.json``
-    (content fingerprints), ``train_log.jsonl``, ``model/``, ``checkpoints/step-N/``,
-    ``epochs/epoch-N/``, ``tracking/``, ``results.json``, ``eval_examples.json``.
+    (content fingerprints), ``train_log.jsonl``, ``model/``, ``adapter/`` (LoRA),
+    ``checkpoints/step-N/``, ``epochs/epoch-N/`` (LoRA: and ``epochs/epoch-N-adapter/``),
+    ``tracking/``, ``results.json``, ``eval_examples.json``.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -132,6 +134,7 @@ class RunDir:
     inputs = property(lambda self: self.path / INPUTS)
     log = property(lambda self: self.path / LOG)
     model = property(lambda self: self.path / MODEL)
+    adapter = property(lambda self: self.path / ADAPTER)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     tracking = property(lambda self: self.path / TRACKING)
     reference_logps = property(lambda self: self.path / REFERENCE_LOGPS)
@@ -142,6 +145,13 @@ class RunDir:
     def epoch(self, n: int) -> Path:
         """The model saved after epoch ``n`` (``train.save_every_epoch``)."""
         return self.epochs / f"epoch-{n}"
+
+    def adapter_of(self, model_dir: Path) -> Path:
+        """Where a LoRA run keeps the adapter of the merged model in ``model_dir``:
+        ``adapter/`` for ``model/``, ``epochs/epoch-N-adapter/`` for ``epochs/epoch-N/``."""
+        if model_dir.resolve() == self.model.resolve():
+            return self.adapter
+        return model_dir.with_name(f"{model_dir.name}-{ADAPTER}")
 
     def epoch_models(self) -> list[tuple[int, Path]]:
         """(epoch, folder) of every complete per-epoch model, in order."""

@@ -27,12 +27,15 @@ def torchrun(out, *overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(embedded, tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "extra"), [
+    ("ddp", []), ("fsdp", []),
+    ("ddp", ["peft.r=4"]),  # LoRA: DDP over the adapters, pi_ref the base without them
+], ids=["ddp", "fsdp", "ddp-lora"])
+def test_two_processes_match_one(embedded, tmp_path, strategy, extra):
     single = tmp_path / "single"
-    run(load_recipe(DEMO, [*COMMON, "train.batch_size=4", f"output_dir={single}"]))
+    run(load_recipe(DEMO, [*COMMON, *extra, "train.batch_size=4", f"output_dir={single}"]))
     multi = tmp_path / strategy
-    torchrun(multi, f"hardware.strategy={strategy}")
+    torchrun(multi, f"hardware.strategy={strategy}", *extra)
 
     for one, two in zip(log_rows(single), log_rows(multi), strict=True):
         for key in ("forget_loss", "retain_loss", "dot", "forget_sq", "retain_sq", "xi", "cosine"):

@@ -1,5 +1,8 @@
 """Publish an evaluated run to the Hugging Face Hub with a model card.
 
+A LoRA run (recipe section ``peft``) uploads its merged model when ``peft.merge`` is true,
+else its adapter alone, with a card whose ``base_model`` is the recipe's model.
+
 The card's metadata carries the evaluation results as ``model-index`` (built with
 huggingface_hub's ModelCardData/EvalResult). The token comes from ``HF_TOKEN`` or
 the Hugging Face credential store, through huggingface_hub; blurctl never reads,
@@ -70,20 +73,30 @@ def model_card(run_dir: Path, repo_id: str, tags: list[str]):
     datasets = sorted({c["path"] for c in corpora if c["path"].count("/") == 1
                        and not c["path"].startswith(("/", ".", "embedded:"))})
     muse = (recipe.get("eval") or {}).get("muse") or {}
-    alg = recipe["algorithm"]
+    alg, lora = recipe["algorithm"], recipe.get("peft")
+    adapter_only = uploads_adapter(recipe)
     card_data = ModelCardData(
         base_model=None if base.startswith("embedded:") else base,
-        datasets=datasets or None, library_name="transformers", model_name=repo_id.split("/")[-1],
-        tags=sorted({"unlearning", "blur", "blurctl", alg["combiner"], *tags}),
+        datasets=datasets or None, library_name="peft" if adapter_only else "transformers",
+        model_name=repo_id.split("/")[-1],
+        tags=sorted({"unlearning", "blur", "blurctl", alg["combiner"], *tags,
+                     *(["lora"] if lora else [])}),
         eval_results=_eval_results(results, muse.get("corpus", "unlearning-eval")) or None)
     versions = "\n".join(f"- {k}: {v}" for k, v in (env.get("packages") or {}).items() if v)
     return ModelCard.from_template(
         card_data, template_path=str(MODEL_CARD_TEMPLATE), model_name=repo_id.split("/")[-1],
-        base=base, combiner=alg["combiner"],
+        base=base, combiner=alg["combiner"], lora=lora, adapter_only=adapter_only,
+        repo_id=repo_id,
         forget_loss=alg["forget_loss"], retain_loss=alg.get("retain_loss"),
         results_table=_results_table(results), metrics=MUSE_METRICS,
         selected=results.get("selected"),
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False).strip(), versions=versions)
+
+
+def uploads_adapter(recipe: dict) -> bool:
+    """Whether a run's upload is its LoRA adapter alone (``peft.merge: false``)."""
+    lora = recipe.get("peft")
+    return bool(lora) and not lora.get("merge", True)
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -103,13 +116,18 @@ def stage(run_dir: Path, repo_id: str, tags: list[str]) -> Path:
                            f"evaluation (run: blurctl eval {run_dir})")
     selected = results.get("selected")  # eval.selection's epoch, when there is one
     model_dir = run / selected["model"] if selected else run.model
-    if not (model_dir / "config.json").is_file():
+    if uploads_adapter(run.read_recipe()):
+        model_dir = run.adapter_of(model_dir)
+        if not (model_dir / "adapter_config.json").is_file():
+            raise BlurctlError(f"{run_dir}: no saved adapter in {model_dir} (peft.merge is false, "
+                               "so the adapter is what is published)")
+    elif not (model_dir / "config.json").is_file():
         raise BlurctlError(f"{run_dir}: no saved model in {model_dir}")
     stage_dir = run_dir / STAGE_DIRNAME
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir()
     for f in sorted(model_dir.iterdir()):
-        if f.is_file():
+        if f.is_file() and f.name != "README.md":  # the card below is the README
             _place(f, stage_dir / f.name)
     for name in RUN_FILES:
         if (run_dir / name).is_file():

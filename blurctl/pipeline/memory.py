@@ -42,6 +42,7 @@ class Shape:
     heads: int
     vocab: int
     dtype_width: int  # bytes per weight of the checkpoint as stored ("auto" loads it so)
+    adapters: bool = False  # LoRA: the trainable parameters are float32 adapters
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ def model_shape(skeleton: torch.nn.Module, recipe: Recipe) -> Shape:
         chosen = set(rmu_parameter_names(skeleton, recipe))
         trainable = sum(p.numel() for n, p in skeleton.named_parameters() if n in chosen)
         first = min(recipe.steering.update_layers)
+    if recipe.peft is not None:
+        from blurctl.unlearn.lora import adapter_parameter_count
+
+        trainable = adapter_parameter_count(recipe, config)
     hidden = config.hidden_size
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     stored = str(stored).removeprefix("torch.") if stored is not None else "float32"
@@ -87,7 +92,7 @@ def model_shape(skeleton: torch.nn.Module, recipe: Recipe) -> Shape:
         intermediate=(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
                       or getattr(config, "n_inner", None) or 4 * hidden),
         heads=config.num_attention_heads, vocab=config.vocab_size,
-        dtype_width=WIDTH.get(stored, 4))
+        dtype_width=WIDTH.get(stored, 4), adapters=recipe.peft is not None)
 
 
 def longest_chunk(recipe: Recipe) -> int:
@@ -125,10 +130,22 @@ def activation_bytes(recipe: Recipe, shape: Shape, width: int) -> tuple[int, int
 
 
 def gradient_buffers(recipe: Recipe) -> int:
-    """Gradient-sized buffers alive at once. The loop sets the forget gradient aside while
-    the retain gradient accumulates, for every combiner: BLUR's projection needs both, and
-    penalty and task_vector take the same two passes."""
-    return 2
+    """Gradient-sized buffers on the device at once. The loop sets the forget gradient aside
+    while the retain gradient accumulates, for every combiner: BLUR's projection needs both,
+    and penalty and task_vector take the same two passes. With
+    ``train.offload_forget_grad`` the set-aside one waits in CPU memory during the retain
+    pass (it comes back for the combination, when the activations are gone)."""
+    return 1 if recipe.train.offload_forget_grad else 2
+
+
+OPTIMIZER_STATE = {  # bytes per trained parameter of the given width; (how it is counted)
+    "adamw": (lambda w: 2 * w, "AdamW's two moments in the trained weights' dtype"),
+    "sgd": (lambda w: 0, "SGD keeps no state"),
+    "adafactor": (lambda w: 0, "Adafactor's factored second moments (a row and a column per "
+                               "matrix: about 0 per parameter)"),
+    "adamw_8bit": (lambda w: 2, "two 8-bit block-quantised moments"),
+    "paged_adamw_8bit": (lambda w: 2, "two 8-bit block-quantised moments (pageable)"),
+}
 
 
 def estimate(recipe: Recipe, shape: Shape) -> Estimate:
@@ -144,14 +161,20 @@ def estimate(recipe: Recipe, shape: Shape) -> Estimate:
     if shards > 1:
         parts.append(Part("gathered layers", 2 * shape.largest_layer * width,
                           "the running and the prefetched decoder layer, unsharded"))
-    if alg.reference_losses:
+    t_width = 4 if shape.adapters else width  # LoRA adapters are float32 (peft's default)
+    if shape.adapters:
+        parts.append(Part("adapters", t * 4, f"{count(t)} LoRA parameters, float32"))
+    shared_base = recipe.peft is not None and recipe.model.reference == "copy"
+    if alg.reference_losses and not tr.precompute_reference and not shared_base:
         parts.append(Part("reference", n * width, "frozen copy, whole on every rank"))
     buffers = gradient_buffers(recipe)
-    parts.append(Part("gradients", buffers * t * width // shards,
-                      f"{buffers} x {count(t)} trainable: g_f set aside, g_r{per}"))
-    if tr.optimizer == "adamw":
-        parts.append(Part("optimizer", 2 * t * width // shards,
-                          f"AdamW's two moments in the weights' dtype ({kind}){per}"))
+    parts.append(Part("gradients", buffers * t * t_width // shards,
+                      f"{buffers} x {count(t)} trainable: "
+                      + ("g_r (g_f in CPU memory)" if buffers == 1 else "g_f set aside, g_r")
+                      + per))
+    state, how = OPTIMIZER_STATE[tr.optimizer]
+    if state(t_width):
+        parts.append(Part("optimizer", state(t_width) * t // shards, f"{how}{per}"))
     if hw.mixed_precision != "no" and width == 4:
         parts.append(Part("autocast copies", 2 * t // shards,
                           "16-bit copies of the trainable weights during the forward pass"))

@@ -21,6 +21,8 @@ from blurctl.models import (
 )
 from blurctl.pipeline.memory import available_bytes, estimate, gib, memory_problems, model_shape
 from blurctl.recipe import Recipe
+from blurctl.unlearn.lora import adapter_problems
+from blurctl.unlearn.optim import optimizer_problems
 from blurctl.unlearn.tracking import tracker_problems
 
 
@@ -76,8 +78,9 @@ def check_inputs(recipe: Recipe) -> Preflight:
     """Every problem with the recipe's inputs, found without loading weights.
 
     Corpora (read, not empty), tokenizer, model and reference configs, RMU layers and
-    sequence length, the evaluation's corpus, models and lm-eval tasks, the output
-    folder, the hardware, and the training memory estimate against it. Also
+    sequence length, the LoRA layers, the optimizer's package and GPU, the evaluation's
+    corpus, models and lm-eval tasks, the output folder, the hardware, and the training
+    memory estimate against it. Also
     records a fingerprint of every input (``Preflight.inputs``) for ``--resume``.
     """
     from blurctl.data.corpora import corpus_identity, load_texts
@@ -115,6 +118,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     report.problems += _check_output_dir(recipe, [identity[0] for identity in real])
     report.problems += hardware_problems(recipe) + attention_problems(recipe)
     report.problems += tracker_problems(recipe)
+    report.problems += optimizer_problems(recipe)
 
     check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
@@ -130,8 +134,9 @@ def check_inputs(recipe: Recipe) -> Preflight:
     if skeleton is None:
         return report
     steering = steering_problems(recipe, config, skeleton)
-    report.problems += steering
-    if not steering:
+    adapters = adapter_problems(recipe, config)
+    report.problems += steering + adapters
+    if not steering and not adapters:
         shape = model_shape(skeleton, recipe)
         have, where = available_bytes(recipe)
         need = estimate(recipe, shape).total

@@ -20,6 +20,7 @@ from blurctl.recipe.schema import (
                                    LmEvalConfig,
                                    ModelConfig,
                                    MuseEvalConfig,
+                                   PeftConfig,
                                    PublishConfig,
                                    Recipe,
                                    SteeringConfig,
@@ -31,7 +32,8 @@ from blurctl.recipe.schema import (
 )
 
 __all__ = ["AlgorithmConfig", "ContainerConfig", "CorpusConfig", "DataConfig", "EvalConfig",
-           "HardwareConfig", "LmEvalConfig", "ModelConfig", "MuseEvalConfig", "PublishConfig",
-           "Recipe", "RecipeError", "SteeringConfig", "TrainConfig", "apply_overrides",
-           "check_repo_id", "cross_field_problems", "grad_accum", "load_recipe",
-           "parse_override", "per_corpus", "read_yaml", "recipe_yaml", "validate_dict"]
+           "HardwareConfig", "LmEvalConfig", "ModelConfig", "MuseEvalConfig", "PeftConfig",
+           "PublishConfig", "Recipe", "RecipeError", "SteeringConfig", "TrainConfig",
+           "apply_overrides", "check_repo_id", "cross_field_problems", "grad_accum",
+           "load_recipe", "parse_override", "per_corpus", "read_yaml", "recipe_yaml",
+           "validate_dict"]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from blurctl.unlearn.combine import COMBINERS
 from blurctl.unlearn.losses import FORGET_LOSSES, RETAIN_LOSSES
 from blurctl.unlearn.methods import METHODS
+from blurctl.unlearn.optim import BNB_OPTIMIZERS, OPTIMIZERS
 
 SEED_LIMIT = 2**32  # numpy's seeds run from 0 to 2**32 - 1
 Layer = Annotated[int, Field(ge=0)]
@@ -85,10 +86,11 @@ class DataConfig(Section):
         return _as_list(value)
 
 
-# Allowed names come from the registries (unlearn/losses.py, combine.py, methods.py).
+# Allowed names come from the registries (unlearn/losses.py, combine.py, methods.py, optim.py).
 ForgetLoss = Literal[tuple(FORGET_LOSSES)]
 RetainLoss = Literal[tuple(RETAIN_LOSSES)]
 Combiner = Literal[(*COMBINERS, *METHODS)]
+Optimizer = Literal[tuple(OPTIMIZERS)]
 BILEVEL = tuple(name for name, rule in COMBINERS.items() if rule.bilevel)
 
 
@@ -153,8 +155,12 @@ class TrainConfig(Section):
     lr: float = Field(2.5e-5, gt=0)
     batch_size: int = Field(4, gt=0, description="Per-device micro-batch size.")
     grad_accum: int = Field(1, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon (the WMDP code uses 1e-6).")
+    optimizer: Optimizer = Field("adamw", description=(
+        "adamw (torch), sgd, adafactor (transformers', factored second moment, no first "
+        "moment, the lr given), adamw_8bit / paged_adamw_8bit (bitsandbytes, GPU only: pip "
+        "install 'blurctl[bnb]')."))
+    adam_eps: float = Field(1e-8, gt=0, description="Epsilon of adamw and the 8-bit AdamWs "
+                                                    "(the WMDP code uses 1e-6).")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -238,6 +244,27 @@ class LmEvalConfig(Section):
     bootstrap_iters: int = Field(1000, ge=0)
 
 
+class PeftConfig(Section):
+    """LoRA adapters through the peft library (pip install 'blurctl[peft]'): only the
+    adapters train; pi_ref is the base model with them disabled (docs/method.md §3)."""
+
+    r: int = Field(8, gt=0, description="Rank of each adapter.")
+    alpha: float = Field(16.0, gt=0, description="lora_alpha: the update is (alpha/r)·B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(None, description=(
+        "Module names (or name endings) to adapt; 'all-linear': every linear layer but the "
+        "output head; null: peft's default for the model type (Llama, Mistral: q_proj, "
+        "v_proj). With the rmu losses: steering.param_suffix's module in "
+        "steering.update_layers."))
+    merge: bool = Field(True, description="blurctl publish uploads the merged model (true) or "
+                                          "the adapter alone (false).")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return value if value == "all-linear" else _as_list(value)
+
+
 class EvalConfig(Section):
     muse: MuseEvalConfig | None = None
     lm_eval: LmEvalConfig | None = None
@@ -288,6 +315,7 @@ class Recipe(Section):
     data: DataConfig
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     steering: SteeringConfig | None = None
+    peft: PeftConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -360,6 +388,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
             r.eval.muse and r.eval.muse.retrained_model):
         problems.append("eval.selection: muse_first_below_retrained compares with the retrained "
                         "model; set eval.muse.retrained_model")
+    problems += _peft_and_optimizer_problems(r)
     n = len(r.data.forget)
     if r.data.retain and len(r.data.retain) not in (1, n):
         problems.append(f"data.retain: {len(r.data.retain)} corpora for {n} forget corpora; "
@@ -373,6 +402,34 @@ def cross_field_problems(r: Recipe) -> list[str]:
             problems.append(f"{path}: {len(values)} values for {n} forget corpora; give 1 or {n}")
         if any(v < 0 for v in values) or (path == "steering.coeff" and any(v == 0 for v in values)):
             problems.append(f"{path}: must be positive (got {value})")
+    return problems
+
+
+def _peft_and_optimizer_problems(r: Recipe) -> list[str]:
+    """Combinations that LoRA or the 8-bit optimizers do not support."""
+    problems, fsdp = [], r.hardware.strategy == "fsdp"
+    if r.train.optimizer in BNB_OPTIMIZERS and fsdp:
+        problems.append(f"train.optimizer: {r.train.optimizer!r} does not work with "
+                        "hardware.strategy fsdp (bitsandbytes' 8-bit states do not handle FSDP2's "
+                        "sharded parameters); use ddp, or adamw or adafactor")
+    if r.peft is None:
+        return problems
+    if fsdp:
+        problems.append("peft: LoRA with hardware.strategy fsdp is not supported (sharding the "
+                        "base beneath the adapters is not implemented); use ddp")
+    method = METHODS.get(r.algorithm.combiner)
+    if method is not None and method.finish is not None and method.finish_adapter is None:
+        problems.append(f"peft: the {method.name} method rewrites the final weights and has no "
+                        "rule for LoRA adapters; remove the peft section")
+    if r.algorithm.uses_rmu and r.steering is not None:
+        if r.peft.target_modules is not None:
+            problems.append("peft.target_modules: with the rmu losses the adapters go on "
+                            "steering.param_suffix's module in steering.update_layers; leave "
+                            "target_modules unset")
+        if not r.steering.param_suffix.endswith(".weight"):
+            problems.append(f"steering.param_suffix: with peft it must name a weight (ending "
+                            f"in '.weight', got {r.steering.param_suffix!r}): LoRA adapts the "
+                            "module that holds it")
     return problems
 
 

@@ -125,16 +125,17 @@ def restore_latest(run_dir: Path, model, optimizer, scheduler, strategy) -> int:
     return step
 
 
-def save_model_atomically(model, tokenizer, target: Path, state_dict=None) -> None:
+def save_model_atomically(model, tokenizer, target: Path, state_dict=None, **save_kwargs) -> None:
     """Write to a sibling temporary folder, then rename: ``target`` is never half-written.
 
     The temporary copy is marked ``.complete`` once written, so a save killed between
     the renames is finished by ``rundir.recover_model`` on the next eval or resume.
+    ``save_kwargs`` go to ``model.save_pretrained``.
     """
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **save_kwargs)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text("")
         _fsync_dir(tmp)

@@ -24,6 +24,7 @@ from blurctl.data.corpora import collate, corpus_chunks
 from blurctl.errors import BlurctlError
 from blurctl.models import (
     check_model_config,
+    enable_gradient_checkpointing,
     frozen_copy,
     load_model,
     load_tokenizer,
@@ -34,6 +35,7 @@ from blurctl.progress import progress_bar
 from blurctl.recipe import Recipe, grad_accum, per_corpus
 from blurctl.rundir import RunDir
 from blurctl.unlearn import checkpoint as ckpt
+from blurctl.unlearn import lora
 from blurctl.unlearn.batches import BatchPlan, steps_per_epoch
 from blurctl.unlearn.combine import Weights, combine_
 from blurctl.unlearn.losses import (
@@ -61,7 +63,9 @@ class Unlearner:
                                        mixed_precision=hw.mixed_precision,
                                        log_with=recipe.train.report_to or None,
                                        project_dir=self.run_dir.tracking)
-        self.strategy = make_strategy(self.accelerator, hw.strategy)
+        self.uses_lora = recipe.peft is not None  # LoRA (peft): the adapters' states are saved
+        self.strategy = (lora.AdapterStates(self.accelerator) if self.uses_lora
+                         else make_strategy(self.accelerator, hw.strategy))
         self.method = METHODS.get(recipe.algorithm.combiner)
         self.accum = grad_accum(recipe)
 
@@ -107,18 +111,26 @@ class Unlearner:
                              for c, r in enumerate(self.retain_sets)]
 
     def _load_models(self) -> None:
-        """The model (RMU: only its steered parameters train), pi_ref where a loss needs
-        it, the starting weights where the method rewrites the final ones, the losses."""
+        """The model (RMU: only its steered parameters train; LoRA: only the adapters), pi_ref
+        where a loss needs it, the starting weights where the method rewrites the final ones,
+        the losses."""
         recipe, alg, steering = self.recipe, self.recipe.algorithm, self.recipe.steering
         self.model = load_model(recipe.model)
-        prepare_for_training(self.model, recipe)  # RMU's parameters, gradient checkpointing
+        if self.uses_lora:  # adapters train: on RMU's modules, or peft's targets
+            enable_gradient_checkpointing(self.model, recipe)
+            self.model = lora.wrap(self.model, recipe)
+        else:
+            prepare_for_training(self.model, recipe)  # RMU's parameters, gradient checkpointing
         self.reference = None
         if alg.reference_losses and not recipe.train.precompute_reference:
-            self.reference = frozen_copy(self.model if recipe.model.reference == "copy" else
-                                         load_model(recipe.model, path=recipe.model.reference,
-                                                    field_name="model.reference"))
+            if self.uses_lora and recipe.model.reference == "copy":
+                self.reference = lora.AdaptersDisabled(self.model)  # the base model, no copy
+            else:
+                self.reference = frozen_copy(self.model if recipe.model.reference == "copy" else
+                                             load_model(recipe.model, path=recipe.model.reference,
+                                                        field_name="model.reference"))
         self.start_state = None
-        if self.method is not None and self.method.finish is not None:
+        if self.method is not None and self.method.finish is not None and not self.uses_lora:
             self.start_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.contexts = [LossContext(alg, steering,
                                      control_vector(self.model.config.hidden_size, steering.seed + c)
@@ -243,9 +255,14 @@ class Unlearner:
 
     def save_checkpoint(self, step: int) -> Path:
         """Checkpoint after ``step`` optimizer steps (every rank takes part); it also holds
-        the model's config and tokenizer, so ``blurctl eval --model`` can load it."""
+        the model's config (LoRA: the adapter in peft's layout) and tokenizer, so
+        ``blurctl eval --model`` can load it."""
         def describe(folder: Path) -> None:
-            self.accelerator.unwrap_model(self.model).config.save_pretrained(folder)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.uses_lora:  # loadable as base + adapter
+                lora.describe(model, folder)
+            else:
+                model.config.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
         saved = ckpt.save(self.run_dir.path, step, self.model, self.optimizer, self.scheduler,
                           self.strategy, self.accelerator.is_main_process,
@@ -255,15 +272,21 @@ class Unlearner:
 
     def save_model(self, target: Path) -> Path:
         """Save the model as it is now into ``target`` (a loadable model folder), rewritten
-        by the method's finish (task vector) where it has one; every rank takes part."""
+        by the method's finish (task vector) where it has one; LoRA: the adapter beside it
+        (``RunDir.adapter_of``) and the merged model in it. Every rank takes part."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         state = self.strategy.model_state(self.model)
         if accelerator.is_main_process:
-            if self.start_state is not None:
+            model = accelerator.unwrap_model(self.model)
+            if self.uses_lora:
+                if self.method is not None and self.method.finish_adapter is not None:
+                    state = self.method.finish_adapter(state, self.recipe.algorithm)
+                model, state = lora.save(model, state, self.run_dir.adapter_of(target),
+                                         self.tokenizer)
+            elif self.start_state is not None:
                 state = self.method.finish(state, self.start_state, self.recipe.algorithm)
-            ckpt.save_model_atomically(accelerator.unwrap_model(self.model), self.tokenizer,
-                                       target, state)
+            ckpt.save_model_atomically(model, self.tokenizer, target, state)
         accelerator.wait_for_everyone()
         return target
 

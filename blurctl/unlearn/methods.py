@@ -1,7 +1,8 @@
 """Methods that are more than a combiner: what they train on and what they do after training.
 
 A method names the combiner used at each step, may replace the forget loss, states the
-recipe settings it requires, and may rewrite the final weights (``finish``). The recipe's
+recipe settings it requires, and may rewrite the final weights (``finish``; with LoRA,
+``finish_adapter`` rewrites the adapter instead). The recipe's
 ``algorithm.combiner`` accepts every registered combiner and method.
 """
 
@@ -29,6 +30,7 @@ class Method:
     why: str = ""                      # said when a required setting differs
     forget_fn: LossFn | None = None    # replaces the registered forget loss
     finish: Callable[[State, State, AlgorithmConfig], State] | None = None  # (final, start, alg)
+    finish_adapter: Callable[[State, AlgorithmConfig], State] | None = None  # (adapter, alg)
 
 
 def _fine_tune_on_forget(model, ref, batch, ctx) -> torch.Tensor:
@@ -42,10 +44,17 @@ def _negate_task_vector(final: State, start: State, alg: AlgorithmConfig) -> Sta
             for k, v in final.items()}
 
 
+def _negate_adapter(adapter: State, alg: AlgorithmConfig) -> State:
+    """The same with LoRA: the fine-tuning changed W by (alpha/r) B A, B starting at zero, so
+    scaling B by -s gives W - s (alpha/r) B A; A stays."""
+    return {k: -alg.task_vector_scale * v if ".lora_B." in k else v for k, v in adapter.items()}
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("task_vector", combiner="penalty",
            requires={"forget_loss": "ga", "retain_loss": None},
            why="task_vector fine-tunes on D_f and subtracts the change, so its net update "
                "follows gradient ascent; set forget_loss: ga and retain_loss: null",
-           forget_fn=_fine_tune_on_forget, finish=_negate_task_vector),
+           forget_fn=_fine_tune_on_forget, finish=_negate_task_vector,
+           finish_adapter=_negate_adapter),
 )}
