@@ -69,13 +69,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p in params:
-        p.grad = None
-    return grads
-
-
 def time_steps(recipe, device: str, steps: int, batch: int, length: int) -> dict[str, dict]:
     """Per combiner: mean step time (ms), peak memory (GiB, GPU only), tokens per second.
 
@@ -83,6 +76,7 @@ def time_steps(recipe, device: str, steps: int, batch: int, length: int) -> dict
     the peak is measured per block from a reset."""
     from blurctl.models import frozen_copy, load_model, prepare_for_training
     from blurctl.unlearn.combine import Weights, combine_
+    from blurctl.unlearn.loop import take_grads
     from blurctl.unlearn.losses import LossContext, gdr, npo
 
     model = load_model(recipe.model)
@@ -102,9 +96,9 @@ def time_steps(recipe, device: str, steps: int, batch: int, length: int) -> dict
 
     def step(variant: str) -> None:
         npo(model, ref, forget, ctx).backward()
-        g_f = _take_grads(params)
+        g_f = take_grads(params)
         gdr(model, ref, retain, ctx).backward()
-        g_r = _take_grads(params)
+        g_r = take_grads(params)
         combine_(g_f, g_r, variant, Weights())
         for p, d in zip(params, g_r, strict=True):
             p.grad = d

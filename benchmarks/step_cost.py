@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from blurctl.recipe import AlgorithmConfig
 from blurctl.unlearn.combine import Weights, combine_
 from blurctl.unlearn.loop import take_grads
 from blurctl.unlearn.losses import LossContext, ga, gdr
@@ -46,7 +47,7 @@ def batch(seed: int, bs: int, seq: int, device: str) -> dict:
 
 
 def step(model, opt, variant: str, fb: dict, rb: dict) -> None:
-    ctx, params = LossContext(), [p for p in model.parameters()]
+    ctx, params = LossContext(AlgorithmConfig()), [p for p in model.parameters()]
     if variant == "sum":
         (ga(model, None, fb, ctx) + gdr(model, None, rb, ctx)).backward()
     else:
