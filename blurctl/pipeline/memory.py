@@ -139,7 +139,7 @@ def gradient_buffers(recipe: Recipe) -> int:
 
 
 OPTIMIZER_STATE = {  # bytes per trained parameter of the given width; (how it is counted)
-    "adamw": (lambda w: 2 * w, "AdamW's two moments in the trained weights' dtype"),
+    "adamw": (lambda w: 2 * w, "AdamW's two moments in the weights' dtype ({kind})"),
     "sgd": (lambda w: 0, "SGD keeps no state"),
     "adafactor": (lambda w: 0, "Adafactor's factored second moments (a row and a column per "
                                "matrix: about 0 per parameter)"),
@@ -174,7 +174,9 @@ def estimate(recipe: Recipe, shape: Shape) -> Estimate:
                       + per))
     state, how = OPTIMIZER_STATE[tr.optimizer]
     if state(t_width):
-        parts.append(Part("optimizer", state(t_width) * t // shards, f"{how}{per}"))
+        trained_kind = {4: "float32", 2: "16-bit"}[t_width]
+        parts.append(Part("optimizer", state(t_width) * t // shards,
+                          how.format(kind=trained_kind) + per))
     if hw.mixed_precision != "no" and width == 4:
         parts.append(Part("autocast copies", 2 * t // shards,
                           "16-bit copies of the trainable weights during the forward pass"))

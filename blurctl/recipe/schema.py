@@ -426,9 +426,10 @@ def _peft_and_optimizer_problems(r: Recipe) -> list[str]:
             problems.append("peft.target_modules: with the rmu losses the adapters go on "
                             "steering.param_suffix's module in steering.update_layers; leave "
                             "target_modules unset")
-        if not r.steering.param_suffix.endswith(".weight"):
+        suffix = r.steering.param_suffix
+        if suffix is not None and not suffix.endswith(".weight"):
             problems.append(f"steering.param_suffix: with peft it must name a weight (ending "
-                            f"in '.weight', got {r.steering.param_suffix!r}): LoRA adapts the "
+                            f"in '.weight', got {suffix!r}): LoRA adapts the "
                             "module that holds it")
     return problems
 

@@ -28,14 +28,18 @@ PREFIX = "base_model.model."   # how a PeftModel names the wrapped model's entri
 MARK = ".lora_"                # in the name of every adapter entry, and no other
 
 
-def lora_config(recipe: Recipe):
-    """peft's LoraConfig for the recipe (RMU: on the steered module of the updated layers)."""
+def lora_config(recipe: Recipe, config):
+    """peft's LoraConfig for the recipe (RMU: on the steered module of the updated layers,
+    the family's MLP output projection unless ``steering.param_suffix`` names another)."""
     from peft import LoraConfig
+
+    from blurctl.models import rmu_param_suffix
 
     cfg, steering = recipe.peft, recipe.steering
     where: dict = {"target_modules": cfg.target_modules}
     if recipe.algorithm.uses_rmu and steering is not None:
-        where = {"target_modules": [steering.param_suffix.removesuffix(".weight")],
+        suffix = rmu_param_suffix(recipe, config)
+        where = {"target_modules": [suffix.removesuffix(".weight")],
                  "layers_to_transform": list(steering.update_layers)}
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       task_type="CAUSAL_LM", **where)
@@ -51,7 +55,8 @@ def wrap(model: torch.nn.Module, recipe: Recipe):
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
             warnings.simplefilter("ignore", FutureWarning)
-            wrapped = get_peft_model(model, lora_config(recipe), revision=recipe.model.revision)
+            wrapped = get_peft_model(model, lora_config(recipe, model.config),
+                                     revision=recipe.model.revision)
     except ValueError as exc:  # no such module, or no default for the model type
         raise InputError(f"{key}: {str(exc).splitlines()[0]}") from None
     other = [(n, type(m).__name__) for n, m in wrapped.named_modules()
