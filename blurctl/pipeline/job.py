@@ -86,21 +86,24 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         trainer = Unlearner(recipe, run_dir)
         try:
             model_dir = trainer.train(resume)
-            trainer.release()  # the trained model, before evaluation loads models onto the device
             if not main or not (recipe.eval.muse or recipe.eval.lm_eval):
                 return {}
-            results = _evaluate(recipe, model_dir, run_dir, reuse_from)
+            results = _evaluate(recipe, model_dir, run_dir, reuse_from, trainer.release)
             trainer.log_scores(results)
             return results
         finally:
             trainer.accelerator.end_training()
 
 
-def _evaluate(recipe: Recipe, model_dir: Path, run_dir: Path, reuse_from: Path | None) -> dict:
-    """Evaluate the trained model; a failure or a signal says the model is safe and how to
-    finish."""
+def _evaluate(recipe: Recipe, model_dir: Path, run_dir: Path, reuse_from: Path | None,
+              release) -> dict:
+    """Free the training's memory (``release``), then evaluate the trained model; a failure
+    or a signal in either says the model is safe and how to finish."""
     try:
-        with _signals_raise():
+        with _signals_raise() as received:
+            release()  # the trained model, before evaluation loads models onto the device
+            if received:  # arrived while a finalizer ran, which drops the exception
+                raise _Signalled(received[0])
             return evaluate(recipe, str(model_dir), run_dir, reuse_from)
     except _Signalled as sig:
         stopped = BlurctlError(f"evaluation stopped by {signal.Signals(sig.signum).name} (the "
@@ -125,9 +128,15 @@ class _Signalled(BaseException):
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into ``_Signalled`` inside the block (main thread only)."""
+def _signals_raise() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into ``_Signalled`` inside the block (main thread only). The
+    signals received are also listed in what the block gets: an exception raised while
+    the garbage collector runs a finalizer is dropped, so the block checks the list after
+    collecting."""
+    received: list[int] = []
+
     def handler(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+        received.append(signum)
         raise _Signalled(signum)
 
     previous = {}
@@ -137,7 +146,7 @@ def _signals_raise() -> Iterator[None]:
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
