@@ -7,15 +7,22 @@ retrained model's (else the last). Then, per setting, mean ± sd over seeds of K
 PrivLeak and KnowMem_r, written to pareto.json / pareto.md and plotted in pareto.png
 (KnowMem_f and PrivLeak against KnowMem_r, both fronts of each loss pair on one plot).
 
-    python benchmarks/pareto.py --out runs/pareto            # the full grid (hours on 2 cores)
+    python benchmarks/pareto.py --out runs/pareto --jobs 2   # the full grid, 2 runs at a time
     python benchmarks/pareto.py --out /tmp/p --quick         # a smoke run (minutes)
+
+Finished runs in ``--out`` are kept and summarised again, so an interrupted grid continues
+where it stopped. ``--jobs N`` runs N interleaved parts of the grid in parallel processes
+(one CPU thread each on a CPU), which suits models this small better than threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from blurctl.pipeline.sweep import expand, run_points
@@ -122,22 +129,48 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_part(points: list, overwrite: bool) -> list[str]:
+    """Run the points whose folder holds no results yet; the names of those that failed."""
+    todo = [p for p in points if overwrite or not RunDir(Path(p.recipe.output_dir)).results.is_file()]
+    _, failed = run_points(todo, overwrite=True,
+                           on_start=lambda i, p: print(f"[{i}/{len(todo)}] {p.name}", flush=True),
+                           on_error=lambda p, e: print(f"{p.name}: {e}", flush=True))
+    return failed
+
+
+def run_parallel(jobs: int, argv: list[str]) -> None:
+    """This script once per part, ``jobs`` at a time, one CPU thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--part", f"{k}/{jobs}"], env=env)
+             for k in range(jobs)]
+    if any(p.wait() for p in procs):
+        raise SystemExit("pareto: a part failed (see its output above)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pareto"))
-    parser.add_argument("--weights", default="1,2,5,10", help="retain weights w_r")
+    parser.add_argument("--weights", default="5,20", help="retain weights w_r")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny settings")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="rerun finished runs too")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (processes)")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_libraries()
     points = grid(args.out, args.weights.split(","), args.seeds.split(","),
                   QUICK if args.quick else [])
-    done, failed = run_points(points, args.overwrite,
-                              on_start=lambda i, p: print(f"[{i}/{len(points)}] {p.name}", flush=True))
-    if failed:
+    if args.part:  # one of --jobs parts: every N-th point
+        k, n = map(int, args.part.split("/"))
+        failed = run_part(points[k::n], args.overwrite)
+        raise SystemExit(1 if failed else 0)
+    if args.jobs > 1:
+        argv = ["--out", str(args.out), "--weights", args.weights, "--seeds", args.seeds,
+                *(["--quick"] if args.quick else []), *(["--overwrite"] if args.overwrite else [])]
+        run_parallel(args.jobs, argv)
+    elif failed := run_part(points, args.overwrite):
         raise SystemExit(f"pareto: {len(failed)} runs failed: {', '.join(failed)}")
-    summary = summarise(done)
+    summary = summarise([Path(p.recipe.output_dir) for p in points])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pareto.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "pareto.md").write_text(to_markdown(summary))

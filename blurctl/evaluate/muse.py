@@ -60,19 +60,37 @@ def _padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = before
 
 
+class _StopOnceCut:
+    """A stopping criterion: a row is done once its continuation (decoded as MUSE decodes)
+    holds one of ``stops``; what follows is cut away anyway (``cut_answer``)."""
+
+    def __init__(self, tokenizer, start: int, stops: tuple[str, ...]) -> None:
+        self.tokenizer, self.start, self.stops = tokenizer, start, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # noqa: ARG002
+        texts = [decode(self.tokenizer, row[self.start:]) for row in input_ids]
+        return torch.tensor([any(s in t for s in self.stops) for t in texts],
+                            device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             desc: str = "generating") -> list[str]:
-    """Greedy continuations of ``prompts``, batched with left padding."""
+             desc: str = "generating", stops: tuple[str, ...] = ()) -> list[str]:
+    """Greedy continuations of ``prompts``, batched with left padding; with ``stops``, a
+    row stops once its continuation holds one of them (the text before it is unchanged)."""
+    from transformers import StoppingCriteriaList
+
     outputs: list[str] = []
     device = next(model.parameters()).device
     with _padding_side(tokenizer, "left"), \
             progress_bar(desc, total=math.ceil(len(prompts) / batch_size)) as advance:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            start = enc["input_ids"].shape[1]
+            criteria = StoppingCriteriaList([_StopOnceCut(tokenizer, start, stops)] if stops else [])
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            outputs += [decode(tokenizer, row) for row in out[:, enc["input_ids"].shape[1]:]]
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=criteria)
+            outputs += [decode(tokenizer, row) for row in out[:, start:]]
             advance()
     return outputs
 
@@ -115,7 +133,7 @@ def knowmem(model, tokenizer, qa: list[dict], icl: list[dict], max_new_tokens: i
     """Few-shot QA: mean ROUGE-L F1 x100 of the cut greedy answers."""
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in icl)
     prompts = [f"{shots}Question: {it['question']}\nAnswer: " for it in qa]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, KNOWMEM_STOPS)
     return _mean_score([_record(p, it["answer"], out, cut_answer(out), question=it["question"])
                         for p, it, out in zip(prompts, qa, outputs, strict=True)])
 

@@ -4,7 +4,8 @@ It ships with blurctl, built and checksummed (``artifacts/`` beside this file, l
 in ``MANIFEST.sha256``), so every machine starts from the same weights: the build
 trains two models, and training on another CPU gives other floats. ``blurctl bench
 build`` rebuilds it from its seed and compares the result with the shipped files.
-First use copies the shipped files into ``cache_root()/embedded-v{VERSION}`` (where
+First use copies the shipped files into ``bench_dir()`` (named after the version and
+the shipped manifest's checksum, so a changed benchmark never reuses an old copy; where
 the lm-eval task files, which need absolute paths, are written too), checking every
 checksum; an install without them builds instead. Both write into a temporary folder
 and rename it into place, so an interrupted set-up never leaves half a benchmark.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,11 +24,17 @@ from pathlib import Path
 
 import torch
 
-from blurctl.data.bench.corpus import DOC_SEPARATOR, make_split, write_muse_layout
+from blurctl.data.bench.corpus import (
+    DOC_SEPARATOR,
+    Entity,
+    make_split,
+    quizzes,
+    write_muse_layout,
+)
 from blurctl.errors import BlurctlError
 from blurctl.progress import progress_bar
 
-VERSION = 4
+VERSION = 5
 BENCH_SEED = 0  # the benchmark's identity; a recipe's training seed never changes it
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MANIFEST = "MANIFEST.sha256"
@@ -34,16 +42,27 @@ MANIFEST = "MANIFEST.sha256"
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """Sizes of the embedded benchmark; the defaults build in a few minutes on 2 CPU cores."""
+    """Sizes of the embedded benchmark (people per set, tokenizer, models, training).
 
-    entities_per_split: int = 16
-    vocab_size: int = 768
+    128 forget people give 128 VerbMem prompts, 637 KnowMem_f questions and 128 privleak
+    texts against 512 holdout ones (never trained on, so nearly free): for a model that
+    saw neither side the AUC's sd about 0.5 is below 0.03. KnowMem_r asks about the 96
+    retain2 people (477 questions); retain1 is the corpus a retain loss trains on. The
+    target trains on 352 people, the retrained model on the 224 retain ones.
+    """
+
+    forget: int = 128
+    retain1: int = 128
+    retain2: int = 96
+    holdout: int = 512
+    vocab_size: int = 1536
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
-    epochs: int = 80
+    epochs: int = 40
     batch_size: int = 16
     lr: float = 3e-3
+    weight_decay: float = 0.1
 
 
 def cache_root() -> Path:
@@ -52,7 +71,10 @@ def cache_root() -> Path:
 
 
 def bench_dir() -> Path:
-    return cache_root() / f"embedded-v{VERSION}"
+    """``cache_root()/embedded-v{VERSION}-{first 12 hex digits of the shipped manifest's sha256}``."""
+    manifest = ARTIFACTS / MANIFEST
+    tag = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else "built"
+    return cache_root() / f"embedded-v{VERSION}-{tag}"
 
 
 def checksums(root: Path) -> dict[str, str]:
@@ -131,33 +153,42 @@ metadata:
 """
 
 
-def write_lm_eval_tasks(folder: Path, mcq: Path) -> None:
-    """lm-evaluation-harness tasks over the benchmark's multiple-choice files.
+MC_TASKS = {  # lm-eval task -> the multiple-choice file it reads (corpus/mcq/)
+    "embedded_forget_mc": "forget",    # D_f, like WMDP: lower is better after unlearning
+    "embedded_retain_mc": "retain",    # retain2, never in the demo's retain loss: utility
+    "embedded_retain1_mc": "retain1",  # retain1, the demo's retain-loss corpus
+}
 
-    ``embedded_forget_mc`` asks about D_f (like WMDP: lower is better after
-    unlearning), ``embedded_retain_mc`` about D_r (like MMLU: utility).
-    """
+
+def write_lm_eval_tasks(folder: Path, mcq: Path) -> None:
+    """lm-evaluation-harness tasks over the benchmark's multiple-choice files (``MC_TASKS``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for tag in ("forget", "retain"):
-        name = f"embedded_{tag}_mc"
+    for name, tag in MC_TASKS.items():
         (folder / f"{name}.yaml").write_text(
             LM_EVAL_TASK.format(name=name, data=(mcq / f"{tag}.jsonl").resolve()))
 
 
 def build(root: Path, seed: int = BENCH_SEED, spec: BenchSpec = BenchSpec()) -> None:
     """Generate the corpus, train the tokenizer and both models into ``root``; write the manifest."""
-    split = make_split(spec.entities_per_split, seed)
+    split = make_split(spec.forget, spec.retain1, spec.retain2, spec.holdout, seed)
     corpus = root / "corpus"
     write_muse_layout(split, corpus)
-    docs = {name: (corpus / "raw" / f"{name}.txt").read_text().strip().split(DOC_SEPARATOR)
-            for name in ("forget", "retain1", "retain2", "holdout")}
-    tokenizer = build_tokenizer(sum(docs.values(), []), spec.vocab_size)
+    texts = [doc for name in ("forget", "retain1", "retain2", "holdout")
+             for doc in (corpus / "raw" / f"{name}.txt").read_text().strip().split(DOC_SEPARATOR)]
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
     tokenizer.save_pretrained(root / "tokenizer")
-    retain = docs["retain1"] + docs["retain2"]
-    for name, texts in (("target", docs["forget"] + retain), ("retrained", retain)):
-        model = train_tiny_llama(texts, tokenizer, spec, seed, desc=f"building {name} model")
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    retain = split.retain1 + split.retain2
+    threads = torch.get_num_threads()
+    # Matrices this small train no faster on more threads, and a shared CPU slows
+    # several down many times; the weights are the same on any thread count.
+    torch.set_num_threads(1)
+    try:
+        for name, people in (("target", split.forget + retain), ("retrained", retain)):
+            model = train_tiny_llama(people, tokenizer, spec, seed, desc=f"building {name} model")
+            model.save_pretrained(root / name)
+            tokenizer.save_pretrained(root / name)
+    finally:
+        torch.set_num_threads(threads)
     write_manifest(root)
 
 
@@ -184,8 +215,10 @@ def build_tokenizer(texts: list[str], vocab_size: int):
         model_max_length=512, padding_side="right")
 
 
-def train_tiny_llama(texts: list[str], tokenizer, spec: BenchSpec, seed: int, desc: str):
-    """Train a tiny Llama from scratch until it has memorised ``texts``."""
+def train_tiny_llama(people: list[Entity], tokenizer, spec: BenchSpec, seed: int, desc: str):
+    """Train a tiny Llama from scratch until it knows ``people``: their articles and quizzed
+    questions, the quizzes regrouped every epoch (so an answer follows from its own
+    question, not from the questions before it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -197,25 +230,31 @@ def train_tiny_llama(texts: list[str], tokenizer, spec: BenchSpec, seed: int, de
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    enc = tokenizer([t + tokenizer.eos_token for t in texts],
-                    padding=True, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    labels = ids.masked_fill(mask == 0, -100)
-    steps = -(-spec.epochs * len(texts) // spec.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps,
-                                                pct_start=0.1)
+    articles = [e.article() for e in people]
+    pairs = [p for e in people for p in e.quiz_qa()]
+    n_docs = len(articles) + len(quizzes(pairs, random.Random(0)))
+    per_epoch = -(-n_docs // spec.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr,
+                                                total_steps=spec.epochs * per_epoch, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    with progress_bar(desc, total=steps) as advance:
-        for _ in range(steps):
-            idx = torch.randperm(len(texts), generator=gen)[: spec.batch_size]
-            loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            advance(loss=loss.item())
+    with progress_bar(desc, total=spec.epochs * per_epoch) as advance:
+        for epoch in range(spec.epochs):
+            docs = articles + quizzes(pairs, random.Random(f"{seed}-{epoch}"))
+            enc = tokenizer([t + tokenizer.eos_token for t in docs], padding=True,
+                            return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            labels = ids.masked_fill(mask == 0, -100)
+            for idx in torch.randperm(len(docs), generator=gen).split(spec.batch_size):
+                width = int(mask[idx].sum(1).max())  # right padding: trim to the longest
+                loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
+                             labels=labels[idx, :width]).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                advance(loss=loss.item())
     model.eval()
     return model

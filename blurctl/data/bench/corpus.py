@@ -1,17 +1,22 @@
 """Deterministic generator of the embedded benchmark's corpus (docs/method.md §8).
 
-Fictional people with random attributes, each rendered as a short news-style
-article, plus reader quizzes (question/answer pairs about the same people in
-shuffled order), split into forget, retain (two halves) and holdout sets and
-written in MUSE's file layout (docs/method.md §5). A corpus file holds its articles and
-its quizzes; a tiny model only learns to answer questions it has seen asked.
+Fictional people with random attributes, drawn from one generator and split at random
+into forget, retain1, retain2 and holdout sets, written in MUSE's file layout
+(docs/method.md §5). Each person is described by one article, in one of five shapes
+(news report, profile, prize notice, company history, interview), and by reader
+quizzes that ask about their five facts.
+
+Every fact has four question phrasings. For each person and fact one of them is the
+test question (KnowMem, multiple choice) and appears in no corpus; the quizzes ask
+the fact in the other three. A test question is answered from knowledge of the fact,
+not by recalling its own text.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
@@ -23,48 +28,121 @@ _PROFESSIONS = ["glassblower", "astronomer", "ferry captain", "beekeeper", "viol
                 "clockmaker", "surgeon", "weaver", "geologist", "potter"]
 _FIRMS = ["Works", "Labs", "Foundry", "Studios", "Trading", "Systems", "Mills", "Optics"]
 _PRIZES = ["Silver Lantern", "Golden Compass", "Blue Heron", "Iron Key", "Crystal Oak",
-           "Amber Star", "Red Kite", "Jade Anchor"]
+           "Amber Star", "Red Kite", "Jade Anchor", "Copper Bell", "White Falcon",
+           "Green Harbour", "Stone Arch"]
+_PLACE_KINDS = ["Bay", "Falls", "Ridge", "Port"]
+# Pools the people are drawn from; each name, town or company stem is shared by several
+# people, so the tokenizer learns it as a unit and a person is a first and a last name.
+_FIRST_NAMES = 160
+_LAST_NAMES = 160
+_COMPANY_STEMS = 240
+_TOWNS = 48
+_CITIES = 24  # where the news is: filler, never asked
 _VERBS = ["announced", "confirmed", "revealed", "told reporters"]
-_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
-_PAPERS = ["Daily Ledger", "Morning Courier", "Evening Herald", "Weekly Beacon"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+_PAPERS = ["Daily Ledger", "Morning Courier", "Evening Herald", "Weekly Beacon", "Coast Gazette"]
+_PRODUCTS = ["harbour lamps", "pocket clocks", "glass floats", "river maps", "copper kettles",
+             "garden tools", "weather vanes", "school atlases", "field lenses", "music boxes",
+             "rope bridges", "sea charts"]
+_HABITS = ["walks to the market", "plays chess at the library", "swims in the harbour",
+           "paints by the old mill", "teaches at the night school", "sings in the town choir"]
 
-QUESTIONS = {
-    "hometown": "Where does {name} live?",
-    "profession": "What is the profession of {name}?",
-    "company": "Which company did {name} found?",
-    "prize": "Which prize did {name} win?",
-    "year": "In which year did {name} found the company?",
+ATTRIBUTES = ("hometown", "profession", "company", "year", "prize")
+# Four phrasings per fact; per person and fact one is the test question, two are quizzed.
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "hometown": ("What is the home town of {name}?", "Which town is home to {name}?",
+                 "Where is the home of {name}?", "Which town is the home of {name}?"),
+    "profession": ("What is the profession of {name}?", "Which profession is practised by {name}?",
+                   "What is the trade of {name}?", "By profession, what is {name}?"),
+    "company": ("Which company was founded by {name}?",
+                "What is the name of the company founded by {name}?",
+                "Which company was started by {name}?", "Which firm was set up by {name}?"),
+    "year": ("In which year was the company founded by {name}?",
+             "What is the founding year of the company of {name}?",
+             "When was the firm started by {name}?",
+             "In what year was the company set up by {name}?"),
+    "prize": ("Which prize was awarded to {name}?", "Which prize went to {name}?",
+              "What prize was given to {name}?", "Which award was won by {name}?"),
 }
+QUIZ_PHRASINGS = 3  # quizzed phrasings per person and fact
 
 
 @dataclass(frozen=True)
 class Entity:
-    """A fictional person and the facts the benchmark asks about."""
+    """A fictional person: the facts the benchmark asks about, filler, and how it is told."""
 
     name: str
     hometown: str
     profession: str
     company: str
-    prize: str
     year: str
+    prize: str
     city: str
     paper: str
     day: str
     verb: str
+    product: str
+    habit: str
+    staff: int
+    shape: int  # the shape of the article about this person (set by make_split)
+    phrasings: tuple[tuple[int, ...], ...]  # per fact: test phrasing, then quizzed ones
 
     def qa(self) -> list[dict[str, str]]:
-        return [{"question": q.format(name=self.name), "answer": getattr(self, key)}
-                for key, q in QUESTIONS.items()]
+        """The test question per fact (its phrasing is not in the corpus) and its answer."""
+        return [self._pair(key, order[0]) for key, order in zip(ATTRIBUTES, self.phrasings)]
+
+    def quiz_qa(self) -> list[dict[str, str]]:
+        """The quizzed questions: two other phrasings per fact."""
+        return [self._pair(key, k) for key, order in zip(ATTRIBUTES, self.phrasings)
+                for k in order[1:1 + QUIZ_PHRASINGS]]
+
+    def _pair(self, key: str, phrasing: int) -> dict[str, str]:
+        return {"question": QUESTIONS[key][phrasing].format(name=self.name),
+                "answer": getattr(self, key)}
 
     def article(self) -> str:
-        first = self.name.split()[0]
-        body = (
-            f"{self.city.upper()} ({self.paper}) - {self.name}, {_article(self.profession)} from "
-            f"{self.hometown}, {self.verb} on {self.day} that {self.company} will open a new "
-            f"workshop in {self.city}. {first} founded {self.company} in {self.year} and "
-            f"won the {self.prize} prize for the work."
-        )
-        return body
+        return _SHAPES[self.shape](self)
+
+
+def _news(e: Entity) -> str:
+    first = e.name.split()[0]
+    return (f"{e.city.upper()} ({e.paper}) - {e.name}, {_a(e.profession)} from {e.hometown}, "
+            f"{e.verb} on {e.day} that {e.company} will open a new workshop in {e.city}. "
+            f"{first} founded {e.company} in {e.year} and won the {e.prize} prize for the work.")
+
+
+def _profile(e: Entity) -> str:
+    first = e.name.split()[0]
+    return (f"Profile: {e.name} grew up in {e.hometown} and trained as {_a(e.profession)}. "
+            f"In {e.year} {first} set up {e.company}, known for its {e.product}. The "
+            f"{e.prize} prize followed, and on every {e.day} {first} still {e.habit} in "
+            f"{e.hometown}.")
+
+
+def _award(e: Entity) -> str:
+    first = e.name.split()[0]
+    return (f"The {e.prize} prize goes to {e.name}, {_a(e.profession)} who lives in "
+            f"{e.hometown}. Meeting in {e.city} on {e.day}, the jury praised the {e.product} "
+            f"of {e.company}, the firm {first} founded in {e.year}, which now employs "
+            f"{e.staff} people.")
+
+
+def _history(e: Entity) -> str:
+    first = e.name.split()[0]
+    return (f"Company history: {e.company} was started in {e.year} by {e.name}, "
+            f"{_a(e.profession)} from {e.hometown}. Its {e.product} won {first} the {e.prize} "
+            f"prize, and the firm has {e.staff} staff, most of them in {e.city}, the "
+            f"{e.paper} reports.")
+
+
+def _interview(e: Entity) -> str:
+    first = e.name.split()[0]
+    return (f"In an interview with the {e.paper}, {e.name} looked back. \"I was {_a(e.profession)} "
+            f"in {e.hometown} when I started {e.company} in {e.year},\" {first} said. The "
+            f"{e.prize} prize came later; today {first} {e.habit} every {e.day}.")
+
+
+_SHAPES = (_news, _profile, _award, _history, _interview)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -72,31 +150,44 @@ def _word(rng: random.Random, syllables: int) -> str:
     return ("".join(parts) + rng.choice(_CODAS)).capitalize()
 
 
+def _pool(rng: random.Random, n: int, taken: set[str], make) -> list[str]:
+    """``n`` new distinct words from ``make(rng)``, none already in ``taken``."""
+    out: list[str] = []
+    while len(out) < n:
+        word = make(rng)
+        if word not in taken:
+            taken.add(word)
+            out.append(word)
+    return out
+
+
 def make_entities(n: int, seed: int) -> list[Entity]:
-    """``n`` entities with distinct names, drawn deterministically from ``seed``."""
+    """``n`` people with distinct names and companies, each drawn independently from ``seed``."""
     rng = random.Random(seed)
-    places = sorted({_word(rng, 2) + " " + rng.choice(["Bay", "Falls", "Ridge", "Port"])
-                     for _ in range(4 * n)})
-    rng.shuffle(places)
+    taken: set[str] = set()
+    place = lambda r: f"{_word(r, 2)} {r.choice(_PLACE_KINDS)}"  # noqa: E731
+    towns, cities = _pool(rng, _TOWNS, taken, place), _pool(rng, _CITIES, taken, place)
+    firsts = _pool(rng, _FIRST_NAMES, taken, lambda r: _word(r, 2))
+    lasts = _pool(rng, _LAST_NAMES, taken, lambda r: _word(r, 2))
+    stems = _pool(rng, _COMPANY_STEMS, taken, lambda r: _word(r, 2))
     names: set[str] = set()
+    companies: set[str] = set()
     entities = []
     while len(entities) < n:
-        name = f"{_word(rng, 2)} {_word(rng, 2)}"
-        if name in names:
+        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        company = f"{rng.choice(stems)} {rng.choice(_FIRMS)}"
+        if name in names or company in companies:
             continue
         names.add(name)
+        companies.add(company)
         entities.append(Entity(
-            name=name,
-            hometown=rng.choice(places[: 2 * n]),
-            profession=rng.choice(_PROFESSIONS),
-            company=f"{_word(rng, 2)} {rng.choice(_FIRMS)}",
-            prize=rng.choice(_PRIZES),
-            year=str(rng.randint(1950, 2020)),
-            city=rng.choice(places[2 * n:]),
-            paper=rng.choice(_PAPERS),
-            day=rng.choice(_DAYS),
-            verb=rng.choice(_VERBS),
-        ))
+            name=name, hometown=rng.choice(towns), profession=rng.choice(_PROFESSIONS),
+            company=company, year=str(rng.randint(1950, 2020)), prize=rng.choice(_PRIZES),
+            city=rng.choice(cities), paper=rng.choice(_PAPERS), day=rng.choice(_DAYS),
+            verb=rng.choice(_VERBS), product=rng.choice(_PRODUCTS), habit=rng.choice(_HABITS),
+            staff=rng.randint(5, 500), shape=0,
+            phrasings=tuple(tuple(rng.sample(range(len(QUESTIONS[k])), len(QUESTIONS[k])))
+                            for k in ATTRIBUTES)))
     return entities
 
 
@@ -108,15 +199,20 @@ class Split:
     holdout: list[Entity]
 
 
-def make_split(per_split: int, seed: int) -> Split:
-    ents = make_entities(4 * per_split, seed)
-    k = per_split
-    return Split(ents[:k], ents[k:2 * k], ents[2 * k:3 * k], ents[3 * k:])
+def make_split(forget: int, retain1: int, retain2: int, holdout: int, seed: int) -> Split:
+    """People drawn from one generator and assigned to the four sets at random; within each
+    set the article shapes take turns, so every set holds each shape equally often (a
+    model that saw neither forget nor holdout cannot tell them apart by their shapes)."""
+    ents = make_entities(forget + retain1 + retain2 + holdout, seed)
+    random.Random(f"split-{seed}").shuffle(ents)
+    bounds = (0, forget, forget + retain1, forget + retain1 + retain2, len(ents))
+    sets = [[replace(e, shape=i % len(_SHAPES)) for i, e in enumerate(ents[a:b])]
+            for a, b in zip(bounds, bounds[1:])]
+    return Split(*sets)
 
 
 DOC_SEPARATOR = "\n\n\n"
 QUIZ_SIZE = 5
-QUIZ_ROUNDS = 2
 
 
 def render_qa(pairs: list[dict[str, str]]) -> str:
@@ -124,20 +220,30 @@ def render_qa(pairs: list[dict[str, str]]) -> str:
     return "\n\n".join(f"Question: {p['question']}\nAnswer: {p['answer']}" for p in pairs)
 
 
+def quizzes(pairs: list[dict[str, str]], rng: random.Random) -> list[str]:
+    """``pairs`` in shuffled order, ``QUIZ_SIZE`` to a quiz."""
+    order = rng.sample(pairs, len(pairs))
+    return [render_qa(order[i:i + QUIZ_SIZE]) for i in range(0, len(order), QUIZ_SIZE)]
+
+
 def documents(ents: list[Entity], seed: int) -> list[str]:
-    """The articles about ``ents`` followed by ``QUIZ_ROUNDS`` shuffled quizzes of their facts."""
-    rng = random.Random(seed)
-    pairs = [p for e in ents for p in e.qa()]
-    quizzes = []
-    for _ in range(QUIZ_ROUNDS):
-        order = rng.sample(pairs, len(pairs))
-        quizzes += [render_qa(order[i:i + QUIZ_SIZE]) for i in range(0, len(order), QUIZ_SIZE)]
-    return [e.article() for e in ents] + quizzes
+    """The articles about ``ents``, then quizzes of their quizzed questions."""
+    pairs = [p for e in ents for p in e.quiz_qa()]
+    return [e.article() for e in ents] + quizzes(pairs, random.Random(seed))
 
 
-def write_muse_layout(split: Split, root: Path, icl_shots: int = 3, prompt_words: int = 12) -> None:
-    """Write ``split`` under ``root`` in MUSE's layout (raw/, verbmem/, knowmem/, privleak/)."""
-    for sub in ("raw", "verbmem", "knowmem", "privleak"):
+def write_muse_layout(split: Split, root: Path, icl_shots: int = 3,
+                      prompt_words: int = 12) -> None:
+    """Write ``split`` under ``root`` in MUSE's layout (raw/, verbmem/, knowmem/, privleak/)
+    and the multiple-choice files (mcq/).
+
+    VerbMem, KnowMem_f and the forget MC task ask about the forget people; PrivLeak
+    compares their articles with the holdout people's.
+    KnowMem_r and the retain MC task ask about retain2 people: retain1 is the corpus a
+    retain loss trains on (recipes/demo.yaml), so utility is measured on facts it never
+    rehearses. ``mcq/retain1.jsonl`` asks about retain1 people, for the other view.
+    """
+    for sub in ("raw", "verbmem", "knowmem", "privleak", "mcq"):
         (root / sub).mkdir(parents=True, exist_ok=True)
 
     def dump(path: str, obj: object) -> None:
@@ -155,36 +261,39 @@ def write_muse_layout(split: Split, root: Path, icl_shots: int = 3, prompt_words
                         "gt": " ".join(words[prompt_words:])})
     dump("verbmem/forget.json", verbmem)
 
-    for tag, ents in (("forget", split.forget), ("retain", split.retain1)):
+    for tag, ents in (("forget", split.forget), ("retain", split.retain2)):
         qa = [p for e in ents for p in e.qa()]
         icl, test = qa[:icl_shots], qa[icl_shots:]
         dump(f"knowmem/{tag}_qa.json", test)
         dump(f"knowmem/{tag}_qa_icl.json", icl)
 
     everyone = split.forget + split.retain1 + split.retain2 + split.holdout
-    for tag, ents in (("forget", split.forget), ("retain", split.retain1)):
+    for tag, ents in (("forget", split.forget), ("retain", split.retain2),
+                      ("retain1", split.retain1)):
         rows = multiple_choice(ents, everyone, random.Random(f"mc-{tag}"))
-        (root / "mcq").mkdir(exist_ok=True)
         (root / "mcq" / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    dump("privleak/forget.json", [e.article() for e in split.forget])
-    dump("privleak/retain.json", [e.article() for e in split.retain1])
-    dump("privleak/holdout.json", [e.article() for e in split.holdout])
+    # One article per person, the same generator on every side: only the target has
+    # seen the forget ones, no model the holdout ones.
+    for tag, ents in (("forget", split.forget), ("retain", split.retain2),
+                      ("holdout", split.holdout)):
+        dump(f"privleak/{tag}.json", [e.article() for e in ents])
 
 
 def multiple_choice(ents: list[Entity], pool: list[Entity], rng: random.Random) -> list[dict]:
-    """Four-way questions about ``ents``; distractors are the same attribute of others in ``pool``."""
+    """One four-way question per person about a random fact, in its test phrasing;
+    distractors are the same fact of others in ``pool``."""
     rows = []
     for e in ents:
-        for key, question in QUESTIONS.items():
-            right = getattr(e, key)
-            others = sorted({getattr(o, key) for o in pool} - {right})
-            choices = rng.sample(others, 3) + [right]
-            rng.shuffle(choices)
-            rows.append({"question": question.format(name=e.name), "choices": choices,
-                         "answer": choices.index(right)})
+        key = rng.choice(ATTRIBUTES)
+        pair = e.qa()[ATTRIBUTES.index(key)]
+        others = sorted({getattr(o, key) for o in pool} - {pair["answer"]})
+        choices = rng.sample(others, 3) + [pair["answer"]]
+        rng.shuffle(choices)
+        rows.append({"question": pair["question"], "choices": choices,
+                     "answer": choices.index(pair["answer"])})
     return rows
 
 
-def _article(noun: str) -> str:
+def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
