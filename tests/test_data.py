@@ -131,3 +131,14 @@ def test_adam_eps_reaches_the_optimizer():
     opt, _ = _optimizer(params, load_recipe(DEMO, ["train.adam_eps=1e-6"]), 10)
     assert opt.param_groups[0]["eps"] == 1e-6
     assert _optimizer(params, load_recipe(DEMO), 10)[0].param_groups[0]["eps"] == 1e-8
+
+
+def test_min_chars_keeps_only_longer_texts_as_the_wmdp_code_does(tmp_path):
+    texts = ["x" * 50, "y" * 51, "short", "z" * 80]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert load_texts(CorpusConfig(path=str(path), min_chars=50), "data.forget") == ["y" * 51, "z" * 80]
+    assert load_texts(CorpusConfig(path=str(path)), "data.forget") == texts
+    with pytest.raises(BlurctlError, match=r"data\.forget: .*c\.jsonl: corpus is empty \(no text "
+                                           r"longer than min_chars=100\)"):
+        load_texts(CorpusConfig(path=str(path), min_chars=100), "data.forget")

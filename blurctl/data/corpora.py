@@ -123,11 +123,12 @@ def load_texts(cfg: CorpusConfig, field_name: str) -> list[str]:
         texts = _read_dataset(cfg, path, kind, field_name)
     else:
         raise InputError(f"{field_name}: {path}: no such file, folder or hub dataset id")
-    texts = [t for t in texts if t.strip()]
+    texts = [t for t in texts if t.strip() and len(t) > cfg.min_chars]
     if cfg.max_examples is not None:
         texts = texts[: cfg.max_examples]
     if not texts:
-        raise InputError(f"{field_name}: {path}: corpus is empty")
+        kept = f" (no text longer than min_chars={cfg.min_chars})" if cfg.min_chars else ""
+        raise InputError(f"{field_name}: {path}: corpus is empty{kept}")
     return [cfg.join.join(texts)] if cfg.join is not None else texts
 
 
@@ -141,7 +142,8 @@ def chunk_texts(texts: list[str], tokenizer, max_len: int, first_only: bool = Fa
     body = max_len - len(bos)
     chunks = []
     # one batched call: a fast tokenizer encodes the texts in parallel (what datasets.map
-    # would call, without its copy of every corpus on disk)
+    # would call, without its copy of every corpus on disk). Every rank tokenizes its own
+    # copy: seconds for the paper corpora, less than loading the model.
     for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         starts = range(0, len(ids), body)
         chunks += [bos + ids[i:i + body] for i in (starts[:1] if first_only else starts)]

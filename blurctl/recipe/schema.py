@@ -49,6 +49,8 @@ class CorpusConfig(Section):
     join: str | None = Field(None, description="Join the texts into one document with this "
                                                "separator before chunking (MUSE's raw/*.txt: "
                                                "'\\n\\n').")
+    min_chars: int = Field(0, ge=0, description="Keep only texts longer than this many "
+                                                "characters (the WMDP code keeps > 50).")
     max_examples: int | None = Field(None, gt=0)
     max_len: int | None = Field(None, gt=1, description="Tokens per chunk for this corpus "
                                                         "(default: data.max_len).")
