@@ -108,7 +108,7 @@ def test_lm_eval_in_memory_and_checkpoint_agree(embedded, target):
     cfg = load_recipe(DEMO).eval.lm_eval
     in_memory = run_lm_eval(model, tok, cfg)
     from_dir = run_lm_eval(str(embedded / "target"), tok, cfg)
-    assert set(in_memory) == {"embedded_forget_mc", "embedded_retain_mc"}
+    assert set(in_memory) == {"embedded_forget_mc", "embedded_retain_mc", "embedded_retain1_mc"}
     for task in in_memory:
         assert in_memory[task]["acc"] == pytest.approx(from_dir[task]["acc"])
     assert in_memory["embedded_forget_mc"]["acc"] > 0.6  # the target knows D_f; chance is 0.25
@@ -154,9 +154,10 @@ def test_eval_of_a_recipe_evaluates_its_base_model(embedded, tmp_path):
 
 
 def test_privleak_is_left_undefined_when_the_retrained_auc_is_zero(embedded, tmp_path):
-    # on its first 2 forget and 2 holdout texts the retrained model's AUC is exactly 0
-    result = runner.invoke(app, ["eval", str(DEMO), "eval.lm_eval=null", "eval.muse.max_examples=2",
-                                 "eval.bootstrap=0", f"output_dir={tmp_path}"])
+    # the target as "retrained": it separates its forget texts from unseen ones perfectly
+    result = runner.invoke(app, ["eval", str(DEMO), "eval.lm_eval=null", "eval.muse.max_examples=4",
+                                 "eval.muse.retrained_model=embedded:target", "eval.bootstrap=0",
+                                 f"output_dir={tmp_path}"])
     assert result.exit_code == 0, result.output
     assert "PrivLeak is undefined: the retrained model's privleak AUC is 0" in result.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
