@@ -10,16 +10,15 @@ few `blurctl run` steps, the GPU memory still allocated after them, and the eval
 time, device, dtype and peak memory.
 Everything is written to OUT/gpu_check.json as well.
 
-The steps are the loop's: NPO forget loss against a frozen copy, GDR retain loss, two
-backward passes, the forget gradient set aside, ``combine_``, AdamW. The model is prepared
-by ``blurctl.models.prepare_for_training`` (the trainable set and checkpointing).
+The steps are the loop's own ``Unlearner.step`` (blurctl/unlearn/loop.py) on
+recipes/demo.yaml: NPO forget loss against a frozen copy, GDR retain loss, two backward
+passes, the forget gradient set aside, ``combine_``, AdamW; setup is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,105 +26,47 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
-VARIANTS = ("blur", "penalty")
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # _steps.py beside this file, however this file is loaded
+    sys.path.insert(0, HERE)
+from _steps import (  # noqa: E402
+    demo_recipe,
+    ready,
+    save_random_llama,
+    step_overrides,
+    time_combiners,
+    tokens_per_step,
+)
+
 # hidden, layers, intermediate, heads: ~99.6M parameters with the embedded 768-token vocabulary
 FULL = (768, 14, 2048, 12)
 TINY = (64, 2, 172, 4)
 
 
 def build_model(folder: Path, tiny: bool) -> int:
-    """A random Llama with the embedded tokenizer, saved into ``folder``; its parameter count."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from blurctl.data.bench.build import ensure_benchmark
-
-    hidden, layers, inter, heads = TINY if tiny else FULL
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=768, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ensure_benchmark() / "tokenizer" / name, folder / name)
-    return sum(p.numel() for p in model.parameters())
+    """A random bf16 Llama with the embedded tokenizer, saved into ``folder``; its
+    parameter count."""
+    return save_random_llama(folder, *(TINY if tiny else FULL), dtype=torch.bfloat16)
 
 
 def recipe_for(model_dir: Path, device: str, out: Path, *extra: str):
-    from blurctl.recipe import load_recipe
-
-    return load_recipe(DEMO, [f"model.path={model_dir}", "model.dtype=bfloat16",
-                              "train.gradient_checkpointing=true", f"hardware.device={device}",
-                              f"output_dir={out}", *extra])
+    return demo_recipe(model_dir, device, out, "model.dtype=bfloat16",
+                       "train.gradient_checkpointing=true", *extra)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_steps(recipe, device: str, steps: int, batch: int, length: int) -> dict[str, dict]:
+def time_steps(recipe, device: str, steps: int) -> dict[str, dict]:
     """Per combiner: mean step time (ms), peak memory (GiB, GPU only), tokens per second.
 
-    Blocks of each combiner alternate, twice, so both see the same machine conditions;
+    Blocks of each combiner alternate, twice, on one model (``_steps.time_combiners``);
     the peak is measured per block from a reset."""
-    from blurctl.models import frozen_copy, load_model, prepare_for_training
-    from blurctl.unlearn.combine import Weights, combine_
-    from blurctl.unlearn.loop import take_grads
-    from blurctl.unlearn.losses import LossContext, gdr, npo
-
-    model = load_model(recipe.model)
-    prepare_for_training(model, recipe)
-    model.to(device).train()
-    ref = frozen_copy(model).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    gen = torch.Generator().manual_seed(0)
-
-    def make_batch() -> dict:
-        ids = torch.randint(3, 768, (batch, length), generator=gen)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "labels": ids.to(device)}
-
-    forget, retain, ctx = make_batch(), make_batch(), LossContext(recipe.algorithm)
-
-    def step(variant: str) -> None:
-        npo(model, ref, forget, ctx).backward()
-        g_f = take_grads(params)
-        gdr(model, ref, retain, ctx).backward()
-        g_r = take_grads(params)
-        combine_(g_f, g_r, variant, Weights())
-        for p, d in zip(params, g_r, strict=True):
-            p.grad = d
-        del g_f
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    peaks: dict[str, float | None] = dict.fromkeys(VARIANTS)
-    for v in VARIANTS:  # warm-up (kernels, allocator, AdamW's state)
-        step(v)
-    for _ in range(2):
-        for v in VARIANTS:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(v)
-            _sync(device)
-            times[v].append((time.perf_counter() - start) / steps)
-            if device == "cuda":
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                peaks[v] = max(peaks[v] or 0.0, peak)
-    tokens = 2 * batch * length  # a forget and a retain batch per step
-    return {v: {"step_ms": 1000 * statistics.mean(times[v]), "peak_gib": peaks[v],
-                "tokens_per_s": tokens / statistics.mean(times[v])} for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = ready(recipe, Path(tmp))
+        measured = time_combiners(run, device, steps, rounds=2)
+        run.release()
+    tokens = tokens_per_step(recipe)
+    return {c: {"step_ms": 1000 * m["step_s"],
+                "peak_gib": None if m["peak_bytes"] is None else m["peak_bytes"] / 2**30,
+                "tokens_per_s": tokens / m["step_s"]} for c, m in measured.items()}
 
 
 def pipeline(model_dir: Path, device: str, out: Path, tiny: bool) -> dict:
@@ -177,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         model_dir = out / "model"
         params = build_model(model_dir, args.tiny)
-        recipe = recipe_for(model_dir, args.device, out / "timing")
-        variants = time_steps(recipe, args.device, steps, batch, length)
+        recipe = recipe_for(model_dir, args.device, out / "timing",
+                            *step_overrides(batch, length))
+        variants = time_steps(recipe, args.device, steps)
         report = {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "params": params, "dtype": "bfloat16", "gradient_checkpointing": True,
