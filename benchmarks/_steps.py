@@ -13,7 +13,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
 COMBINERS = ("blur", "penalty")
-VOCAB = 768  # the embedded tokenizer's
 WARMUP = 1  # untimed steps per combiner before the timed ones
 
 
@@ -21,15 +20,17 @@ def save_random_llama(folder: Path, hidden: int, layers: int, intermediate: int,
                       dtype: torch.dtype = torch.float32) -> int:
     """A seeded random Llama with the embedded tokenizer, saved into ``folder``; its
     parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from blurctl.data.bench.build import ensure_benchmark
 
+    tokenizer = AutoTokenizer.from_pretrained(ensure_benchmark() / "tokenizer")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):

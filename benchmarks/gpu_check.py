@@ -38,7 +38,7 @@ from _steps import (  # noqa: E402
     tokens_per_step,
 )
 
-# hidden, layers, intermediate, heads: ~99.6M parameters with the embedded 768-token vocabulary
+# hidden, layers, intermediate, heads: ~101M parameters with the embedded 1536-token vocabulary
 FULL = (768, 14, 2048, 12)
 TINY = (64, 2, 172, 4)
 
