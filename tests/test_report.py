@@ -50,6 +50,9 @@ def test_report_refuses_unevaluated_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert "no results.json; evaluate it with: blurctl eval" in result.stderr
+    (tmp_path / "report.csv").write_text("run\n")
+    result = runner.invoke(app, ["report", str(tmp_path / "report.csv")])
+    assert result.exit_code == 1 and "report.csv: not a run folder" in result.stderr
 
 
 def test_sweep_expands_the_grid(tmp_path):

@@ -29,6 +29,8 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     run; runs that differ only in ``seed`` become one row of means with ``<metric>_sd``."""
     rows, refs = [], {}
     for run_dir in map(RunDir, run_dirs):
+        if not run_dir.path.is_dir():
+            raise BlurctlError(f"{run_dir.path}: not a run folder")
         results = run_dir.read_results()
         if results is None:
             raise BlurctlError(f"{run_dir.path}: no {run_dir.results.name}; evaluate it with: "
@@ -68,9 +70,13 @@ def aggregate_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
+SPREAD_NOTE = ("± is the sd over seeds where a row averages seeds, else half the 95% "
+               "bootstrap interval of that one run's score.")
+
+
 def to_markdown(rows: list[dict]) -> str:
     return markdown_table(["run", "method"], [([r["run"], r["method"]], r) for r in rows],
-                          metric_keys(rows)) + "\n"
+                          metric_keys(rows), intervals=True) + f"\n\n{SPREAD_NOTE}\n"
 
 
 def to_csv(rows: list[dict]) -> str:
