@@ -67,7 +67,7 @@ class _StopOnceCut:
     def __init__(self, tokenizer, start: int, stops: tuple[str, ...]) -> None:
         self.tokenizer, self.start, self.stops = tokenizer, start, stops
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # noqa: ARG002
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = [decode(self.tokenizer, row[self.start:]) for row in input_ids]
         return torch.tensor([any(s in t for s in self.stops) for t in texts],
                             device=input_ids.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 _ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
@@ -101,48 +102,30 @@ class Entity:
                 "answer": getattr(self, key)}
 
     def article(self) -> str:
-        return _SHAPES[self.shape](self)
+        return _SHAPES[self.shape].format(
+            **vars(self), first=self.name.split()[0], a_profession=_a(self.profession),
+            CITY=self.city.upper())
 
 
-def _news(e: Entity) -> str:
-    first = e.name.split()[0]
-    return (f"{e.city.upper()} ({e.paper}) - {e.name}, {_a(e.profession)} from {e.hometown}, "
-            f"{e.verb} on {e.day} that {e.company} will open a new workshop in {e.city}. "
-            f"{first} founded {e.company} in {e.year} and won the {e.prize} prize for the work.")
-
-
-def _profile(e: Entity) -> str:
-    first = e.name.split()[0]
-    return (f"Profile: {e.name} grew up in {e.hometown} and trained as {_a(e.profession)}. "
-            f"In {e.year} {first} set up {e.company}, known for its {e.product}. The "
-            f"{e.prize} prize followed, and on every {e.day} {first} still {e.habit} in "
-            f"{e.hometown}.")
-
-
-def _award(e: Entity) -> str:
-    first = e.name.split()[0]
-    return (f"The {e.prize} prize goes to {e.name}, {_a(e.profession)} who lives in "
-            f"{e.hometown}. Meeting in {e.city} on {e.day}, the jury praised the {e.product} "
-            f"of {e.company}, the firm {first} founded in {e.year}, which now employs "
-            f"{e.staff} people.")
-
-
-def _history(e: Entity) -> str:
-    first = e.name.split()[0]
-    return (f"Company history: {e.company} was started in {e.year} by {e.name}, "
-            f"{_a(e.profession)} from {e.hometown}. Its {e.product} won {first} the {e.prize} "
-            f"prize, and the firm has {e.staff} staff, most of them in {e.city}, the "
-            f"{e.paper} reports.")
-
-
-def _interview(e: Entity) -> str:
-    first = e.name.split()[0]
-    return (f"In an interview with the {e.paper}, {e.name} looked back. \"I was {_a(e.profession)} "
-            f"in {e.hometown} when I started {e.company} in {e.year},\" {first} said. The "
-            f"{e.prize} prize came later; today {first} {e.habit} every {e.day}.")
-
-
-_SHAPES = (_news, _profile, _award, _history, _interview)
+# The five article shapes; the fields are an Entity's, plus ``first`` (the first name),
+# ``a_profession`` ("a"/"an" + profession) and ``CITY`` (the city in capitals).
+_SHAPES = (
+    ("{CITY} ({paper}) - {name}, {a_profession} from {hometown}, {verb} on {day} that {company} "
+     "will open a new workshop in {city}. {first} founded {company} in {year} and won the "
+     "{prize} prize for the work."),
+    ("Profile: {name} grew up in {hometown} and trained as {a_profession}. In {year} {first} "
+     "set up {company}, known for its {product}. The {prize} prize followed, and on every {day} "
+     "{first} still {habit} in {hometown}."),
+    ("The {prize} prize goes to {name}, {a_profession} who lives in {hometown}. Meeting in "
+     "{city} on {day}, the jury praised the {product} of {company}, the firm {first} founded in "
+     "{year}, which now employs {staff} people."),
+    ("Company history: {company} was started in {year} by {name}, {a_profession} from "
+     "{hometown}. Its {product} won {first} the {prize} prize, and the firm has {staff} staff, "
+     "most of them in {city}, the {paper} reports."),
+    ("In an interview with the {paper}, {name} looked back. \"I was {a_profession} in "
+     "{hometown} when I started {company} in {year},\" {first} said. The {prize} prize came "
+     "later; today {first} {habit} every {day}."),
+)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -165,7 +148,7 @@ def make_entities(n: int, seed: int) -> list[Entity]:
     """``n`` people with distinct names and companies, each drawn independently from ``seed``."""
     rng = random.Random(seed)
     taken: set[str] = set()
-    place = lambda r: f"{_word(r, 2)} {r.choice(_PLACE_KINDS)}"  # noqa: E731
+    place = lambda r: f"{_word(r, 2)} {r.choice(_PLACE_KINDS)}"
     towns, cities = _pool(rng, _TOWNS, taken, place), _pool(rng, _CITIES, taken, place)
     firsts = _pool(rng, _FIRST_NAMES, taken, lambda r: _word(r, 2))
     lasts = _pool(rng, _LAST_NAMES, taken, lambda r: _word(r, 2))
@@ -207,7 +190,7 @@ def make_split(forget: int, retain1: int, retain2: int, holdout: int, seed: int)
     random.Random(f"split-{seed}").shuffle(ents)
     bounds = (0, forget, forget + retain1, forget + retain1 + retain2, len(ents))
     sets = [[replace(e, shape=i % len(_SHAPES)) for i, e in enumerate(ents[a:b])]
-            for a, b in zip(bounds, bounds[1:])]
+            for a, b in pairwise(bounds)]
     return Split(*sets)
 
 
