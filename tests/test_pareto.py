@@ -49,3 +49,20 @@ def test_seeds_become_mean_and_sd(tmp_path):
     assert "| npo+gdr | blur | 5.0 | 15.0 ± 7.1 |" in table
     pareto.plot(summary, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_finished_runs_are_kept_and_parts_split_the_grid(tmp_path, monkeypatch):
+    pareto = _pareto()
+    points = pareto.grid(tmp_path, ["5"], ["0", "1"], [])
+    finished = tmp_path / points[0].name
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    ran = []
+    monkeypatch.setattr(pareto, "run_points", lambda todo, **kw: ran.extend(todo) or ([], []))
+    assert pareto.run_part(points, overwrite=False) == []
+    assert [p.name for p in ran] == [p.name for p in points[1:]]
+    ran.clear()
+    pareto.run_part(points, overwrite=True)
+    assert len(ran) == len(points)
+    parts = [points[k::2] for k in range(2)]
+    assert sorted(p.name for part in parts for p in part) == sorted(p.name for p in points)
