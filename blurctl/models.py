@@ -280,12 +280,33 @@ def load_config(recipe: Recipe, model=None, field_name: str = "model.path"):
                          f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from None
 
 
-def check_model_config(recipe: Recipe) -> None:
-    """Raise InputError for an unloadable model or a bad RMU setup, from the config alone."""
+def check_model_config(recipe: Recipe, tokenizer=None) -> None:
+    """Raise InputError for an unloadable model, a tokenizer with tokens the model has no
+    embedding for, or a bad RMU setup, from the config alone."""
     config = load_config(recipe)
     problems = length_problems(recipe, config) + steering_problems(recipe, config)
+    if tokenizer is not None:
+        problems += vocabulary_problems(recipe, tokenizer, config)
     if problems:
         raise InputError(problems[0])
+
+
+def vocabulary_problems(recipe: Recipe, tokenizer, config) -> list[str]:
+    """A tokenizer whose token ids reach past the model's embedding rows (``vocab_size``):
+    its base vocabulary, or the BOS/EOS/padding ids every batch uses (an added token that
+    no text contains is harmless)."""
+    rows = getattr(config, "vocab_size", None) or getattr(
+        getattr(config, "text_config", None), "vocab_size", None)
+    if rows is None:
+        return []
+    specials = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                            tokenizer.pad_token_id) if i is not None]
+    needed = max([tokenizer.vocab_size, *(i + 1 for i in specials)])
+    if needed <= rows:
+        return []
+    source = recipe.model.tokenizer or recipe.model.path
+    return [f"model.tokenizer: {source} needs {needed} token ids but the model at "
+            f"{recipe.model.path} embeds only {rows} (vocab_size); use the model's own tokenizer"]
 
 
 def length_problems(recipe: Recipe, config) -> list[str]:

@@ -190,7 +190,8 @@ def test_wmdp_recipe_loads_local_jsonl_and_hub_corpora(hub_standins, tmp_path, m
 
     bio = tmp_path / "data" / "wmdp" / "bio_remove_dataset.jsonl"
     bio.parent.mkdir(parents=True)
-    bio.write_text("".join(json.dumps({"text": f"Bio paper {i} about proteins."}) + "\n" for i in range(5)))
+    texts = [f"Bio paper {i} about proteins, how they fold and what that means." for i in range(5)]
+    bio.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*texts, "Too short."]))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     run(load_recipe(ROOT / "recipes" / "wmdp.yaml",

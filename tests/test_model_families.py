@@ -29,7 +29,8 @@ from blurctl.models import (
 from blurctl.recipe import load_recipe
 
 LAYERS = 3
-SIZES = dict(vocab_size=768, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+VOCAB = 1536  # the embedded tokenizer's size (a preflight check refuses a smaller model)
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 GATED = dict(SIZES, intermediate_size=64, num_key_value_heads=2)
 # family -> (config class, its arguments, the full name RMU trains at layer 1 by default)
@@ -159,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family_dirs, family, lo
     the loss reads a middle layer's output through a hook, which must still see it."""
     from blurctl.unlearn.losses import LossContext, control_vector, nll, rmu_forget
 
-    ids = torch.randint(3, 768, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     rmu = ["algorithm.retain_loss=rmu", "steering.layer=1", "steering.update_layers=[0,1]"]
     grads = {}

@@ -1,5 +1,6 @@
 """validate --preflight: corpora, tokenizer, model config, RMU layers, memory."""
 
+import pytest
 from helpers import DEMO
 from typer.testing import CliRunner
 
@@ -52,3 +53,27 @@ def test_data_max_len_is_checked_only_where_a_corpus_uses_it(embedded):
                               "data.retain={path: embedded:corpus/raw/retain1.txt, max_len: 600}"])
     assert models.length_problems(both, config) == [
         "data.retain.0.max_len: 600 is beyond the model's 512 positions"]
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(embedded, tmp_path):
+    """Token ids past the embedding rows would fail inside the first forward pass."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from blurctl.errors import InputError
+    from blurctl.pipeline.job import run
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=768, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4)).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded / "tokenizer" / name, small / name)
+    overrides = [f"model.path={small}", f"output_dir={tmp_path / 'run'}"]
+    result = runner.invoke(app, ["validate", str(DEMO), "--preflight", *overrides])
+    assert result.exit_code != 0
+    assert f"model.tokenizer: {small} needs 1536 token ids but the model at {small} embeds only 768" \
+        in result.output + result.stderr
+    with pytest.raises(InputError, match="embeds only 768"):
+        run(load_recipe(DEMO, overrides))
+    assert not (tmp_path / "run" / "model").exists()

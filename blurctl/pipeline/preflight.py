@@ -16,6 +16,7 @@ from blurctl.models import (
     attention_problems,
     length_problems,
     load_config,
+    vocabulary_problems,
     model_skeleton,
     steering_problems,
 )
@@ -120,7 +121,7 @@ def check_inputs(recipe: Recipe) -> Preflight:
     report.problems += tracker_problems(recipe)
     report.problems += optimizer_problems(recipe)
 
-    check("model.tokenizer", lambda: load_tokenizer(recipe.model))
+    tokenizer = check("model.tokenizer", lambda: load_tokenizer(recipe.model))
     config = check("model.path", lambda: load_config(recipe))
     reference = recipe.model.reference
     if recipe.algorithm.reference_losses and reference not in ("copy", "none"):
@@ -129,6 +130,8 @@ def check_inputs(recipe: Recipe) -> Preflight:
     if config is None:
         return report
     report.problems += length_problems(recipe, config)
+    if tokenizer is not None:
+        report.problems += vocabulary_problems(recipe, tokenizer, config)
     report.inputs["model"] = model_fingerprint(recipe.model)
     skeleton = check("model.path", lambda: model_skeleton(config, recipe))
     if skeleton is None:

@@ -76,7 +76,8 @@ class Unlearner:
         set_seed(self.recipe.seed)
         self.tokenizer = load_tokenizer(self.recipe.model)
         self._load_data()
-        check_model_config(self.recipe)  # from the config alone, before any weights load
+        # from the config alone, before any weights load
+        check_model_config(self.recipe, self.tokenizer)
         self._load_models()
         world = self.accelerator.num_processes
         self.per_epoch = steps_per_epoch(sum(len(f) for f in self.forget_sets), self.recipe, world)
