@@ -1,6 +1,6 @@
 """Step time and peak memory of BLUR against the penalty combiner, through the loop itself.
 
-    python benchmarks/step_cost.py                    # ~0.2M and ~28M-parameter Llamas, CPU
+    python benchmarks/step_cost.py                    # ~0.3M and ~29M-parameter Llamas, CPU
     python benchmarks/step_cost.py --threads 1        # steadier times on a shared CPU
     python benchmarks/step_cost.py --sizes 4096:32    # hidden:layers, on a GPU if present
 
@@ -155,8 +155,6 @@ def table(rows: list[dict], columns: dict[str, str]) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)

@@ -16,9 +16,9 @@ from blurctl.models import (
     attention_problems,
     length_problems,
     load_config,
-    vocabulary_problems,
     model_skeleton,
     steering_problems,
+    vocabulary_problems,
 )
 from blurctl.pipeline.memory import available_bytes, estimate, gib, memory_problems, model_shape
 from blurctl.recipe import Recipe

@@ -49,7 +49,7 @@ _HABITS = ["walks to the market", "plays chess at the library", "swims in the ha
            "paints by the old mill", "teaches at the night school", "sings in the town choir"]
 
 ATTRIBUTES = ("hometown", "profession", "company", "year", "prize")
-# Four phrasings per fact; per person and fact one is the test question, two are quizzed.
+# Four phrasings per fact; per person and fact one is the test question, the others quizzed.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "hometown": ("What is the home town of {name}?", "Which town is home to {name}?",
                  "Where is the home of {name}?", "Which town is the home of {name}?"),
@@ -65,7 +65,6 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "prize": ("Which prize was awarded to {name}?", "Which prize went to {name}?",
               "What prize was given to {name}?", "Which award was won by {name}?"),
 }
-QUIZ_PHRASINGS = 3  # quizzed phrasings per person and fact
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,9 @@ class Entity:
         return [self._pair(key, order[0]) for key, order in zip(ATTRIBUTES, self.phrasings)]
 
     def quiz_qa(self) -> list[dict[str, str]]:
-        """The quizzed questions: two other phrasings per fact."""
+        """The quizzed questions: every other phrasing of each fact."""
         return [self._pair(key, k) for key, order in zip(ATTRIBUTES, self.phrasings)
-                for k in order[1:1 + QUIZ_PHRASINGS]]
+                for k in order[1:]]
 
     def _pair(self, key: str, phrasing: int) -> dict[str, str]:
         return {"question": QUESTIONS[key][phrasing].format(name=self.name),
